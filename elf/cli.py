@@ -1,0 +1,122 @@
+"""The `elf` command: one subcommand per pipeline stage, plus `elf config`.
+
+Each stage is a thin command over the library; `dvc.yaml` calls exactly these commands, so a stage runs
+the same by hand, under `dvc repro` or inside a Prefect flow. Paths follow the layout in README.md,
+relative to the working directory (the repository root). Bad input exits with status 2 and one line
+on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from elf.errors import ElfError
+
+RAW_DIR = Path("data/raw")
+TOKENIZER_DIR = Path("data/tokenizer")
+TOKENS_DIR = Path("data/tokens")
+
+
+def _prepare(args, config) -> None:
+    from elf.data.prepare import prepare_dataset
+
+    dataset = config.dataset(args.dataset)
+    counts = prepare_dataset(args.dataset, dataset, config.seed, RAW_DIR / args.dataset)
+    print(f"prepare {args.dataset}: " + ", ".join(f"{s} {n} rows" for s, n in counts.items()))
+
+
+def _tokenizer(args, config) -> None:
+    from elf.data.tokenizer import build_tokenizer, training_texts
+
+    settings = config.tokenizer
+    texts = None
+    if settings.kind == "train":
+        raw_files = {}
+        for name, dataset in config.datasets.items():
+            path = RAW_DIR / name / "train.parquet"
+            if not path.exists():
+                raise ElfError(f"{path}: file not found (run `elf prepare {name}` first)")
+            raw_files[name] = (path, dataset.columns)
+        texts = training_texts(raw_files, settings.max_texts_per_dataset)
+    digest = build_tokenizer(settings.kind, settings.pretrained, settings.vocab_size, texts, TOKENIZER_DIR)
+    print(f"tokenizer: {TOKENIZER_DIR} (sha256 {digest[:12]})")
+
+
+def _tokenize(args, config) -> None:
+    from elf.data.tokens import tokenize_dataset
+
+    dataset = config.dataset(args.dataset)
+    manifests = tokenize_dataset(args.dataset, dataset, config.tokenize, RAW_DIR / args.dataset,
+                                 TOKENIZER_DIR, TOKENS_DIR / args.dataset)
+    for split, m in manifests.items():
+        print(f"tokenize {args.dataset}/{split}: {m['rows']} rows, {m['tokens']} tokens, "
+              f"{m['skipped_empty']} empty rows skipped, {len(m['shards'])} shard(s)")
+
+
+def _config(args, config_path: str) -> None:
+    import yaml
+
+    from elf.config import apply_preset, available_presets, load_config
+
+    if args.action == "apply":
+        apply_preset(args.preset, config_path)
+        print(f"{config_path}: applied preset '{args.preset}'; run `dvc repro` to rebuild what changed")
+    elif args.action == "presets":
+        print("\n".join(available_presets()))
+    else:
+        config = load_config(config_path)
+        if args.action == "show":
+            print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+        else:
+            print(f"{config_path}: ok")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elf", description="ELF (Embedded Language Flows) pipeline stages.")
+    parser.add_argument("--params", default="params.yaml", help="the parameter file (default: params.yaml)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+
+    stage = commands.add_parser("prepare", help="raw text of a dataset → data/raw/<dataset>/<split>.parquet")
+    stage.add_argument("dataset")
+    stage.set_defaults(run=_prepare)
+
+    stage = commands.add_parser("tokenizer", help="train or copy the tokenizer → data/tokenizer/")
+    stage.set_defaults(run=_tokenizer)
+
+    stage = commands.add_parser("tokenize", help="raw text → token shards in data/tokens/<dataset>/<split>/")
+    stage.add_argument("dataset")
+    stage.set_defaults(run=_tokenize)
+
+    stage = commands.add_parser("config", help="check, show or switch the configuration (presets)")
+    actions = stage.add_subparsers(dest="action", required=True)
+    actions.add_parser("check", help="validate params.yaml")
+    actions.add_parser("show", help="print the validated configuration with defaults filled in")
+    actions.add_parser("presets", help="list the presets")
+    apply = actions.add_parser("apply", help="overlay a preset onto params.yaml (e.g. `paper`, `demo`)")
+    apply.add_argument("preset")
+    stage.set_defaults(run=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "config":
+            _config(args, args.params)
+        else:
+            from elf.config import load_config
+
+            args.run(args, load_config(args.params))
+    except ElfError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Typed configuration: `params.yaml` → validated, immutable config objects.
+
+Every value a stage reads comes from `params.yaml`, so DVC tracks it. Validation happens at load:
+an unknown key, a wrong type or an impossible value is an `ElfError` whose one line names the key,
+e.g. ``params.yaml: datasets.owt.max_length: must be > 0 (got -5)``. Nothing is silently ignored.
+
+Presets (`elf/presets/<name>.yaml`) are overlays merged into `params.yaml` by `elf config apply <name>`;
+the result is validated before it is written, and comments in `params.yaml` survive the edit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from elf.errors import ElfError
+
+Split = Literal["train", "validation", "test"]
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+NUM_SPECIAL_TOKENS = 3  # <pad>=0, </s>=1, <unk>=2 (T5 convention, elf-method §2)
+NUM_SENTINELS = 100  # <extra_id_*> tokens, as in t5-small (span corruption for a scratch encoder)
+PRESETS_DIR = Path(__file__).parent / "presets"
+_DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class _Strict(BaseModel):
+    """Base for every section: unknown keys are errors, types are not coerced, objects are immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DemoSource(_Strict):
+    """Built-in offline generators (elf/data/demo.py); sizes are numbers of documents / pairs."""
+
+    generator: Literal["lm", "translation", "summarization"]
+    train_size: int = Field(gt=0)
+    validation_size: int = Field(gt=0)
+    test_size: int = Field(default=0, ge=0)
+    max_sentences: int = Field(default=6, gt=0)
+
+
+class HubSource(_Strict):
+    """A real dataset through `datasets.load_dataset(path, name, revision=...)` (Parquet-backed repos)."""
+
+    path: str = Field(min_length=1)
+    name: str | None = None
+    revision: str | None = None
+    fields: dict[str, str]
+    splits: dict[Split, str]
+    limits: dict[Split, int] = Field(default_factory=dict)
+    validation_holdout: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> HubSource:
+        if "train" not in self.splits:
+            raise ValueError("splits must include train")
+        for split, limit in self.limits.items():
+            if limit <= 0:
+                raise ValueError(f"limits.{split} must be > 0 (got {limit})")
+        if self.validation_holdout and "validation" in self.splits:
+            raise ValueError("set either validation_holdout or splits.validation, not both")
+        return self
+
+
+class FilesSource(_Strict):
+    """Local jsonl / parquet / txt files, one per split, with a column mapping."""
+
+    splits: dict[Split, str]
+    format: Literal["jsonl", "parquet", "txt"] | None = None
+    fields: dict[str, str]
+
+    @model_validator(mode="after")
+    def _check(self) -> FilesSource:
+        if "train" not in self.splits:
+            raise ValueError("splits must include train")
+        return self
+
+
+class DatasetConfig(_Strict):
+    """One dataset: its task, where its raw text comes from, and its sequence layout (elf-method §2)."""
+
+    task: Literal["lm", "seq2seq"]
+    source: Literal["demo", "hub", "files"]
+    max_length: int = Field(gt=1)
+    max_input_length: int | None = None
+    demo: DemoSource | None = None
+    hub: HubSource | None = None
+    files: FilesSource | None = None
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return ("text",) if self.task == "lm" else ("source", "target")
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetConfig:
+        section = getattr(self, self.source)
+        if section is None:
+            raise ValueError(f"source is '{self.source}' but there is no '{self.source}:' section")
+        if self.task == "seq2seq":
+            if self.max_input_length is None:
+                raise ValueError("max_input_length is required for task seq2seq")
+            if not 0 < self.max_input_length < self.max_length:
+                raise ValueError(
+                    f"max_input_length must be in (0, max_length={self.max_length}) (got {self.max_input_length})"
+                )
+        elif self.max_input_length is not None:
+            raise ValueError("max_input_length only applies to task seq2seq")
+        for kind in ("hub", "files"):
+            source = getattr(self, kind)
+            if source is not None and set(source.fields) != set(self.columns):
+                raise ValueError(
+                    f"{kind}.fields must map exactly {list(self.columns)} for task {self.task} "
+                    f"(got {sorted(source.fields)})"
+                )
+        if self.demo is not None:
+            expected = "lm" if self.task == "lm" else ("translation", "summarization")
+            if (self.task == "lm") != (self.demo.generator == "lm"):
+                raise ValueError(f"demo.generator '{self.demo.generator}' does not fit task {self.task} "
+                                 f"(use {expected})")
+        return self
+
+
+class TokenizerConfig(_Strict):
+    """`train`: a T5-style Unigram tokenizer trained on the raw training text; `pretrained`: copied."""
+
+    kind: Literal["train", "pretrained"]
+    pretrained: str = "t5-small"
+    vocab_size: int = 2000  # len(tokenizer): pieces + specials + sentinels (an upper bound)
+    max_texts_per_dataset: int = Field(default=20_000, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenizerConfig:
+        if self.vocab_size <= NUM_SPECIAL_TOKENS + NUM_SENTINELS:
+            raise ValueError(
+                f"vocab_size must exceed the {NUM_SPECIAL_TOKENS} special tokens and {NUM_SENTINELS} "
+                f"sentinels (got {self.vocab_size})"
+            )
+        return self
+
+
+class TokenizeConfig(_Strict):
+    """Streaming tokenization into few, large Parquet shards."""
+
+    shard_rows: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    workers: int = Field(default=0, ge=0)
+
+
+class Config(_Strict):
+    seed: int
+    datasets: dict[str, DatasetConfig]
+    tokenizer: TokenizerConfig
+    tokenize: TokenizeConfig
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if not self.datasets:
+            raise ValueError("at least one dataset is required")
+        for name in self.datasets:
+            if not _DATASET_NAME.match(name):
+                raise ValueError(f"dataset name '{name}' must match {_DATASET_NAME.pattern}")
+        return self
+
+    def dataset(self, name: str) -> DatasetConfig:
+        """The named dataset, or a one-line error listing the known ones."""
+        if name not in self.datasets:
+            raise ElfError(f"unknown dataset '{name}' (params.yaml defines: {', '.join(self.datasets)})")
+        return self.datasets[name]
+
+
+def _format_error(source: str, error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    elif "input" in first and first["type"] not in ("model_type",):
+        message += f" (got {first['input']!r})"
+    return f"{source}: {where}: {message}" if where else f"{source}: {message}"
+
+
+def config_from_dict(data: Any, source: str = "params.yaml") -> Config:
+    """Validate a plain dict; errors name `source` and the dotted key."""
+    if not isinstance(data, dict):
+        raise ElfError(f"{source}: expected a mapping at the top level")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ElfError(_format_error(source, error)) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ElfError(f"{path}: file not found") from None
+    except yaml.YAMLError as error:
+        raise ElfError(f"{path}: invalid YAML ({' '.join(str(error).split())})") from None
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Load and validate `params.yaml` (the only place stage settings come from)."""
+    return config_from_dict(read_yaml(path), source=str(path))
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _deep_merge(base: Any, overlay: Any) -> None:
+    """Merge `overlay` into the round-trip YAML mapping `base` in place (keeps comments and order)."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def apply_preset(name: str, params_path: str | Path = "params.yaml") -> Config:
+    """Overlay `elf/presets/<name>.yaml` onto `params_path`, validate, then replace the file atomically."""
+    from ruamel.yaml import YAML
+
+    if name not in available_presets():
+        raise ElfError(f"unknown preset '{name}' (available: {', '.join(available_presets())})")
+    overlay = read_yaml(PRESETS_DIR / f"{name}.yaml")
+    params_path = Path(params_path)
+    round_trip = YAML()
+    round_trip.preserve_quotes = True
+    try:
+        with open(params_path, encoding="utf-8") as handle:
+            document = round_trip.load(handle)
+    except FileNotFoundError:
+        raise ElfError(f"{params_path}: file not found") from None
+    _deep_merge(document, overlay)
+    tmp = params_path.with_name(f".{params_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            round_trip.dump(document, handle)
+        config = config_from_dict(read_yaml(tmp), source=f"{params_path} with preset {name}")
+        os.replace(tmp, params_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return config

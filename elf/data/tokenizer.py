@@ -1,0 +1,121 @@
+"""The tokenizer stage: a T5-style tokenizer saved as a Hugging Face directory in `data/tokenizer/`.
+
+Either a pretrained tokenizer (the paper: `t5-small`, by hub name or local path) is copied, or a
+T5-style Unigram tokenizer is trained on the raw training text (the offline demo default). Both follow
+the T5 conventions elf-method §2 relies on: <pad>=0, </s>=1, <unk>=2, and EOS appended to every text.
+Later stages load only from `data/tokenizer/`, never from the hub.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from elf.data.shards import atomic_output_dir
+from elf.errors import ElfError
+from elf.hashing import directory_hash
+
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+
+
+def train_unigram_tokenizer(texts: Iterable[str], vocab_size: int, work_dir: str | Path):
+    """Train a SentencePiece Unigram model with T5's layout and wrap it as a `T5Tokenizer`.
+
+    SentencePiece (not the `tokenizers` Unigram trainer, whose output varies from run to run) keeps the
+    stage reproducible: same text, same bytes, same hash. `vocab_size` is an upper bound for small
+    corpora. Like `t5-small`, the tokenizer carries 100 `<extra_id_*>` sentinels after the pieces.
+    """
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size - 100,
+            hard_vocab_limit=False, model_type="unigram", pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+            bos_id=-1, character_coverage=1.0, num_threads=1, minloglevel=2,
+        )
+    except RuntimeError as error:
+        raise ElfError(f"tokenizer: SentencePiece training failed ({str(error).splitlines()[0]})") from None
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "spiece.model").write_bytes(model.getvalue())
+    return T5Tokenizer.from_pretrained(work_dir)
+
+
+def load_pretrained_tokenizer(name_or_path: str):
+    """A pretrained tokenizer by hub name or local directory; failures name it in one line."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ElfError(f"tokenizer.pretrained: cannot load tokenizer '{name_or_path}' ({first})") from None
+
+
+def check_t5_conventions(tokenizer, where: str) -> None:
+    """Fail early if a tokenizer breaks the id layout the model and the packing rely on."""
+    if tokenizer.pad_token_id != PAD_ID or tokenizer.eos_token_id != EOS_ID:
+        raise ElfError(
+            f"{where}: tokenizer must have pad id {PAD_ID} and eos id {EOS_ID} "
+            f"(got pad {tokenizer.pad_token_id}, eos {tokenizer.eos_token_id})"
+        )
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path) -> str:
+    """Write a `save_pretrained` directory atomically and return its content hash."""
+    check_t5_conventions(tokenizer, str(out_dir))
+    with atomic_output_dir(out_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+    return tokenizer_hash(out_dir)
+
+
+def load_tokenizer(directory: str | Path):
+    """Load `data/tokenizer/` (what every later stage uses)."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ElfError(f"{directory}: tokenizer directory not found (run the tokenizer stage first)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as error:
+        raise ElfError(f"{directory}: not a loadable tokenizer directory ({str(error).splitlines()[0]})") from None
+    check_t5_conventions(tokenizer, str(directory))
+    return tokenizer
+
+
+def tokenizer_hash(directory: str | Path) -> str:
+    """Content hash of a tokenizer directory: manifests record it so mismatched inputs are caught."""
+    return directory_hash(directory)
+
+
+def training_texts(raw_files: dict[str, tuple[Path, tuple[str, ...]]], per_dataset: int) -> Iterable[str]:
+    """Non-blank text of each dataset's raw train split (every column), at most `per_dataset` rows each."""
+    from elf.data.shards import iter_parquet_batches
+
+    for path, columns in raw_files.values():
+        seen = 0
+        for batch in iter_parquet_batches(path, list(columns), 1000):
+            for row in zip(*(batch.column(c).to_pylist() for c in columns), strict=True):
+                if seen >= per_dataset:
+                    break
+                seen += 1
+                yield from (text for text in row if text and text.strip())
+            if seen >= per_dataset:
+                break
+
+
+def build_tokenizer(kind: str, pretrained: str, vocab_size: int, texts: Iterable[str] | None,
+                    out_dir: str | Path) -> str:
+    """The tokenizer stage: copy a pretrained tokenizer or train one; returns the directory's hash."""
+    import tempfile
+
+    if kind == "pretrained":
+        return save_tokenizer(load_pretrained_tokenizer(pretrained), out_dir)
+    with tempfile.TemporaryDirectory() as work_dir:
+        return save_tokenizer(train_unigram_tokenizer(texts, vocab_size, work_dir), out_dir)
