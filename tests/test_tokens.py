@@ -1,0 +1,212 @@
+"""The tokenizer and tokenize stages: round trips, packing invariants, truncation, bad input, atomicity."""
+
+import json
+import random
+import signal
+import subprocess
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from elf.config import DatasetConfig, TokenizeConfig
+from elf.data.shards import verify_shards
+from elf.data.tokenizer import EOS_ID, build_tokenizer, load_tokenizer
+from elf.data.tokens import pack_documents, tokenize_dataset, truncate_pair
+from elf.errors import ElfError
+from tests.conftest import BIN, REPO, run_elf
+
+WORDS = "the a old red dog cat sees runs house ball in on quickly big small man woman eats".split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    rng = random.Random(0)
+    texts = [sentence(rng, rng.randint(3, 12)) for _ in range(500)]
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    build_tokenizer("train", "t5-small", 300, iter(texts), out)
+    return out
+
+
+LM = DatasetConfig(task="lm", source="demo", max_length=16,
+                   demo={"generator": "lm", "train_size": 1, "validation_size": 1})
+S2S = DatasetConfig(task="seq2seq", source="demo", max_length=24, max_input_length=10,
+                    demo={"generator": "translation", "train_size": 1, "validation_size": 1})
+SETTINGS = TokenizeConfig(shard_rows=7, batch_size=5)
+
+
+def write_raw(path, **columns):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+
+
+def read_rows(split_dir, column):
+    manifest = verify_shards(split_dir)
+    rows = []
+    for shard in manifest["shards"]:
+        rows += pq.read_table(split_dir / shard["file"])[column].to_pylist()
+    return manifest, rows
+
+
+def test_trained_tokenizer_follows_t5_conventions_and_round_trips(tokenizer_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    text = "The old dog sees a red ball."
+    ids = tok(text)["input_ids"]
+    assert ids[-1] == EOS_ID and ids.count(EOS_ID) == 1
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert "<extra_id_0>" in tok.get_vocab()  # sentinels, as in t5-small
+
+
+def test_tokenizer_training_is_reproducible(tmp_path):
+    texts = [sentence(random.Random(i), 8) for i in range(300)]
+    first = build_tokenizer("train", "", 300, iter(texts), tmp_path / "a")
+    second = build_tokenizer("train", "", 300, iter(texts), tmp_path / "b")
+    assert first == second
+
+
+def test_pretrained_tokenizer_loads_by_local_path(tokenizer_dir, tmp_path):
+    digest = build_tokenizer("pretrained", str(tokenizer_dir), 0, None, tmp_path / "copy")
+    assert load_tokenizer(tmp_path / "copy")("a dog")["input_ids"] == load_tokenizer(tokenizer_dir)("a dog")["input_ids"]
+    assert len(digest) == 64
+
+
+def test_unreachable_pretrained_tokenizer_is_one_line_error(tmp_path):
+    with pytest.raises(ElfError, match="cannot load tokenizer 'no-such-org/no-such-tokenizer'"):
+        build_tokenizer("pretrained", "no-such-org/no-such-tokenizer", 0, None, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+def test_pack_documents_invariants():
+    docs = [list(range(3, 3 + n)) for n in (0, 1, 14, 15, 16, 40)]
+    rows, split_docs = pack_documents(docs, max_length=16)
+    assert all(len(r) <= 16 and r[-1] == EOS_ID and r.count(EOS_ID) == 1 for r in rows)
+    assert split_docs == 2  # the 16- and 40-token documents do not fit one row of 15 + EOS
+    assert [t for r in rows for t in r[:-1]] == [t for d in docs for t in d]
+
+
+def test_truncate_pair_keeps_eos_and_length():
+    source, target, truncated = truncate_pair(list(range(3, 30)), list(range(3, 30)), 24, 10)
+    assert len(source) == 10 and source[-1] == EOS_ID and source[:-1] == list(range(3, 12))
+    assert len(source) + len(target) == 24 and target[-1] == EOS_ID and truncated
+    source, target, truncated = truncate_pair([5, 6], [7], 24, 10)
+    assert (source, target, truncated) == ([5, 6, EOS_ID], [7, EOS_ID], False)
+
+
+def test_lm_shards_lose_and_duplicate_nothing(tokenizer_dir, tmp_path):
+    rng = random.Random(1)
+    docs = [" ".join(sentence(rng, rng.randint(2, 9)) for _ in range(rng.randint(1, 5))) for _ in range(60)]
+    docs[3], docs[10] = "", "   \n "
+    write_raw(tmp_path / "raw/train.parquet", text=docs)
+    write_raw(tmp_path / "raw/validation.parquet", text=docs[:5])
+    manifests = tokenize_dataset("owt", LM, SETTINGS, tmp_path / "raw", tokenizer_dir, tmp_path / "tokens")
+    manifest, rows = read_rows(tmp_path / "tokens/train", "input_ids")
+    assert manifest == manifests["train"] and len(manifest["shards"]) > 1
+    assert manifest["skipped_empty"] == 2 and manifest["documents"] == 60
+    assert manifest["rows"] == len(rows) and manifest["tokens"] == sum(map(len, rows))
+    assert all(len(r) <= 16 and r[-1] == EOS_ID and r.count(EOS_ID) == 1 for r in rows)
+    tok = load_tokenizer(tokenizer_dir)
+    expected = [t for d in docs if d.strip() for t in tok(d, add_special_tokens=False)["input_ids"]]
+    assert [t for r in rows for t in r[:-1]] == expected
+    assert pq.read_schema(tmp_path / "tokens/train" / manifest["shards"][0]["file"]).field(0).type == pa.list_(pa.int32())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "tokens"]
+
+
+def test_seq2seq_rows_truncated_as_specified(tokenizer_dir, tmp_path):
+    rng = random.Random(2)
+    sources = [" ".join(sentence(rng, 6) for _ in range(rng.randint(1, 4))) for _ in range(30)]
+    targets = [sentence(rng, rng.randint(2, 20)) for _ in range(30)]
+    targets[4] = " "
+    write_raw(tmp_path / "raw/train.parquet", source=sources, target=targets)
+    tokenize_dataset("wmt14", S2S, SETTINGS, tmp_path / "raw", tokenizer_dir, tmp_path / "tokens")
+    manifest, src = read_rows(tmp_path / "tokens/train", "source_ids")
+    _, tgt = read_rows(tmp_path / "tokens/train", "target_ids")
+    assert manifest["skipped_empty"] == 1 and manifest["rows"] == 29 and manifest["truncated"] > 0
+    tok = load_tokenizer(tokenizer_dir)
+    kept = [(s, t) for s, t in zip(sources, targets, strict=True) if t.strip()]
+    for (s_text, t_text), s_ids, t_ids in zip(kept, src, tgt, strict=True):
+        assert len(s_ids) <= 10 and len(s_ids) + len(t_ids) <= 24
+        assert s_ids[-1] == EOS_ID and t_ids[-1] == EOS_ID
+        assert s_ids[:-1] == tok(s_text, add_special_tokens=False)["input_ids"][: len(s_ids) - 1]
+        assert t_ids[:-1] == tok(t_text, add_special_tokens=False)["input_ids"][: len(t_ids) - 1]
+
+
+@pytest.mark.parametrize(
+    "make_raw, expected",
+    [
+        (lambda p: write_raw(p, body=["a dog"]), "train.parquet: missing column 'text' (found: body)"),
+        (lambda p: write_raw(p, text=pa.array([b"a dog", b"\xff\xfe bad"], pa.binary())),
+         "train.parquet: row 1, column 'text': invalid UTF-8"),
+        (lambda p: write_raw(p, text=[1, 2]), "train.parquet: column 'text' must hold text"),
+        (lambda p: p.write_bytes(b"PAR1 this is not parquet"), "train.parquet: not a readable Parquet file"),
+    ],
+)
+def test_bad_raw_input_is_one_line_error_without_partial_output(tokenizer_dir, tmp_path, make_raw, expected):
+    raw = tmp_path / "raw/train.parquet"
+    raw.parent.mkdir(parents=True)
+    make_raw(raw)
+    with pytest.raises(ElfError) as error:
+        tokenize_dataset("owt", LM, SETTINGS, tmp_path / "raw", tokenizer_dir, tmp_path / "tokens")
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_truncated_parquet_is_rejected(tokenizer_dir, tmp_path):
+    raw = tmp_path / "raw/train.parquet"
+    write_raw(raw, text=[sentence(random.Random(i), 9) for i in range(2000)])
+    raw.write_bytes(raw.read_bytes()[: raw.stat().st_size // 2])
+    with pytest.raises(ElfError, match="train.parquet: not a readable Parquet file"):
+        tokenize_dataset("owt", LM, SETTINGS, tmp_path / "raw", tokenizer_dir, tmp_path / "tokens")
+
+
+def test_failure_keeps_previous_output_intact(tokenizer_dir, tmp_path):
+    write_raw(tmp_path / "raw/train.parquet", text=["A dog runs."] * 10)
+    tokenize_dataset("owt", LM, SETTINGS, tmp_path / "raw", tokenizer_dir, tmp_path / "tokens")
+    before = (tmp_path / "tokens/train/manifest.json").read_text()
+    write_raw(tmp_path / "raw/train.parquet", other=["x"])
+    with pytest.raises(ElfError):
+        tokenize_dataset("owt", LM, SETTINGS, tmp_path / "raw", tokenizer_dir, tmp_path / "tokens")
+    assert (tmp_path / "tokens/train/manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "tokens"]
+
+
+def _project(tmp_path, tokenizer_dir, docs):
+    """A working directory laid out like the repository, with a tokenizer and one raw split."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["tokenize"].update(shard_rows=5000, batch_size=500)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_raw(tmp_path / "data/raw/owt/train.parquet", text=docs)
+    build_tokenizer("pretrained", str(tokenizer_dir), 0, None, tmp_path / "data/tokenizer")
+
+
+def test_cli_unknown_dataset_and_missing_raw(tmp_path, tokenizer_dir):
+    _project(tmp_path, tokenizer_dir, ["A dog."])
+    result = run_elf("tokenize", "c4", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "unknown dataset 'c4'" in result.stderr
+    result = run_elf("tokenize", "xsum", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "data/raw/xsum/train.parquet: file not found" in result.stderr
+
+
+def test_killed_stage_reruns_cleanly(tmp_path, tokenizer_dir):
+    rng = random.Random(3)
+    _project(tmp_path, tokenizer_dir, [sentence(rng, 10) for _ in range(200_000)])
+    process = subprocess.Popen([str(BIN / "elf"), "tokenize", "owt"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list((tmp_path / "data/tokens").glob(".owt.tmp-*/train/part-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "data/tokens/owt").exists()  # nothing half-written in the real output
+    run_elf("tokenize", "owt", cwd=tmp_path)
+    manifest = verify_shards(tmp_path / "data/tokens/owt/train")
+    assert manifest["documents"] == 200_000 and manifest["rows"] == 200_000
+    assert [p.name for p in (tmp_path / "data/tokens").iterdir()] == ["owt"]
+    assert json.loads((tmp_path / "data/tokens/owt/train/manifest.json").read_text())["tokenizer_hash"]
