@@ -23,7 +23,7 @@ import bisect
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
@@ -249,7 +249,7 @@ class Grammar:
         """One document as words, with the log-probability of the *path* that produced it.
 
         The path probability is a lower bound of `log_prob(words)`; they agree when only one hidden path
-        can produce the words (always the case for the default lexicon's sentence shapes).
+        can produce the words (so far always the case with the built-in lexicon).
         """
         _, words, logp = self.sample_path(rng)
         return words, logp
@@ -307,8 +307,12 @@ class Grammar:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Grammar:
+        """Inverse of `to_dict` (exact: JSON keeps float64 values bit for bit)."""
         if d.get("format") != GRAMMAR_FORMAT:
             raise ElfError(f"grammar: format is {d.get('format')!r}, expected {GRAMMAR_FORMAT!r}")
+        missing = [k for k in ("states", "vocab", "start", "end", "transitions", "emissions") if k not in d]
+        if missing:
+            raise ElfError(f"grammar: missing {', '.join(missing)}")
         states, vocab = list(d["states"]), list(d["vocab"])
         s_idx, w_idx = {s: i for i, s in enumerate(states)}, {w: i for i, w in enumerate(vocab)}
         try:
@@ -392,8 +396,8 @@ def build_grammar(
     Zipf-like weights (1/rank^zipf_exponent over a seeded shuffle), shared by all sentences. A `lexicon`
     (word class → words; missing or empty classes drop their slots) gives e.g. tiny grammars for tests.
     """
-    if max_sentences < 1 or max_adjectives < 0:
-        raise ElfError("build_grammar: max_sentences must be >= 1 and max_adjectives >= 0")
+    if max_sentences < 1 or max_adjectives < 0 or not 0 < continue_prob < 1:
+        raise ElfError("build_grammar: need max_sentences >= 1, max_adjectives >= 0, 0 < continue_prob < 1")
     lex = {c: tuple(dict.fromkeys((lexicon or LEXICON).get(c, ()))) for c in _CLASS_OF_POS.values()}
     rng = np.random.default_rng(seed)
     edges = _sentence_automaton(max_adjectives)
@@ -411,7 +415,7 @@ def build_grammar(
         if k != "PERIOD" and not edges[k]:
             raise ElfError(f"build_grammar: the lexicon leaves slot {k} with no way to finish the sentence")
     probs = {}
-    for k in ["START", *slots[:-1]]:
+    for k in ["START", *(k for k in slots if k != "PERIOD")]:
         targets = list(edges[k])
         prior = np.array([edges[k][t] for t in targets])
         probs[k] = dict(zip(targets, rng.dirichlet(concentration * prior / prior.sum()), strict=True))
@@ -461,7 +465,7 @@ def generate_lm(grammar: Grammar, seed: int, n: int) -> Iterator[str]:
         yield words_to_text(words)
 
 
-def oracle_perplexity(grammar: Grammar, texts: Sequence[str] | Iterator[str]) -> float:
+def oracle_perplexity(grammar: Grammar, texts: Iterable[str]) -> float:
     """Per-word perplexity of texts under the true grammar: exp(-Σ log p / Σ (words + 1)).
 
     The +1 per text counts the end-of-document event, which `log_prob` includes. One ungrammatical text
