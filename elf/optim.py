@@ -94,25 +94,28 @@ def build_optimizer(
     β (0.9, 0.95) on everything (the paper's weaker alternative, lr 1e-4). Same lr and weight decay for all."""
     if kind == "muon":
         matrices, others = split_muon_params(model)
-        muon = Muon(
-            matrices,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            nesterov=True,
-            ns_coefficients=MUON_NS_COEFFICIENTS,
-            ns_steps=ns_steps,
-            adjust_lr_fn="original",  # √max(1, fan_out / fan_in)
-        )
-        nadam = NAdam(
-            others,
-            lr=lr,
-            betas=betas or (0.9, 0.999),
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum_decay=NADAM_CONSTANT_MOMENTUM,
-        )
-        return CompositeOptimizer({"muon": muon, "nadam": nadam})
+        parts: dict[str, Optimizer] = {}
+        if matrices:
+            parts["muon"] = Muon(
+                matrices,
+                lr=lr,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                nesterov=True,
+                ns_coefficients=MUON_NS_COEFFICIENTS,
+                ns_steps=ns_steps,
+                adjust_lr_fn="original",  # √max(1, fan_out / fan_in)
+            )
+        if others:
+            parts["nadam"] = NAdam(
+                others,
+                lr=lr,
+                betas=betas or (0.9, 0.999),
+                eps=eps,
+                weight_decay=weight_decay,
+                momentum_decay=NADAM_CONSTANT_MOMENTUM,
+            )
+        return CompositeOptimizer(parts)
     if kind == "adamw":
         params = [p for p in model.parameters() if p.requires_grad]
         return CompositeOptimizer(
@@ -204,6 +207,7 @@ class EMA:
         return copy_.eval()
 
     def state_dict(self) -> dict:
+        """Like nn.Module.state_dict, the shadow tensors are shared, not copied: save before the next update."""
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
 
     def load_state_dict(self, state: dict) -> None:

@@ -1,0 +1,243 @@
+"""The flow-matching math of ELF (elf-method.md §3, §4, §6), one function per equation, and the training loss.
+
+Conventions: t = 0 is noise, t = 1 is data; x [B, L, d] are the normalised clean embeddings, ε ~ N(0, I) and
+s the noise scale (2). Per-sequence scalars (t, w, m) are [B] tensors and broadcast over [L, d].
+
+Randomness: every draw takes a `torch.Generator` and is made on that generator's device, in a fixed order
+that does not depend on the data, so a run is reproducible draw for draw (and resumable exactly) given the
+generator's state. The results are moved to the data's device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------------------
+# Random draws
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    return torch.randn(shape, generator=generator, device=generator.device)
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    return torch.rand(shape, generator=generator, device=generator.device)
+
+
+def _per_row(value: Tensor, like: Tensor) -> Tensor:
+    """[B] → [B, 1, ..., 1] to broadcast a per-sequence scalar over the token and channel axes of `like`."""
+    return value.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def sample_time(n: int, generator: torch.Generator, mean: float = -1.5, std: float = 0.8) -> Tensor:
+    """§3: t = sigmoid(u), u ~ N(mean, std²), one t per sequence (median sigmoid(−1.5) ≈ 0.18: mostly noisy)."""
+    return torch.sigmoid(mean + std * _randn((n,), generator))
+
+
+def sample_guidance_scale(n: int, generator: torch.Generator, low: float = 1.5, high: float = 6.0) -> Tensor:
+    """§6: log(1 + w) ~ Uniform[log low, log high], so w ∈ [0.5, 5] with median √(1.5·6) − 1 = 2."""
+    log_low, log_high = math.log(low), math.log(high)
+    return torch.exp(log_low + (log_high - log_low) * _rand((n,), generator)) - 1.0
+
+
+def sample_decode_keep(
+    shape: tuple[int, ...], generator: torch.Generator, mean: float = 0.8, std: float = 0.8
+) -> Tensor:
+    """§4: the per-token signal fraction p = sigmoid(N(mean, std²)) of the decode corruption (mean ≈ 0.67)."""
+    return torch.sigmoid(mean + std * _randn(shape, generator))
+
+
+def sample_condition_dropped(n: int, generator: torch.Generator, prob: float = 0.1) -> Tensor:
+    """§2: which rows drop their condition (for input-CFG). Drawn upstream of the encoder, which must see it."""
+    return _rand((n,), generator) < prob
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §3 Flow matching: path, velocity, x-prediction → velocity
+# ---------------------------------------------------------------------------------------------------------
+
+
+def noise_path(x: Tensor, eps: Tensor, t: Tensor, noise_scale: float = 2.0) -> Tensor:
+    """§3: z_t = t·x + (1 − t)·s·ε."""
+    t = _per_row(t, x)
+    return t * x + (1.0 - t) * noise_scale * eps
+
+
+def velocity_target(x: Tensor, eps: Tensor, noise_scale: float = 2.0) -> Tensor:
+    """§3: v = dz_t/dt = x − s·ε."""
+    return x - noise_scale * eps
+
+
+def x_to_v(x_hat: Tensor, z: Tensor, t: Tensor, min_denom: float = 0.05) -> Tensor:
+    """§3: v̂ = (x̂ − z_t) / max(1 − t, 0.05) — the network predicts x, the loss and the sampler use v."""
+    return (x_hat - z) / _per_row(torch.clamp(1.0 - t, min=min_denom), z)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §4 Decode-mode input
+# ---------------------------------------------------------------------------------------------------------
+
+
+def decode_corruption(x: Tensor, eps: Tensor, keep: Tensor, noise_scale: float = 5.0) -> Tensor:
+    """§4: z̃ = p·x + (1 − p)·s_dec·ε with p = `keep` per token ([B, L]); s_dec 5 for OWT, 1 for WMT/XSum."""
+    p = keep[..., None]
+    return p * x + (1.0 - p) * noise_scale * eps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §6 Self-conditioning CFG target
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sc_cfg_target(v_true: Tensor, v_a: Tensor, v_b: Tensor, m: Tensor, w: Tensor) -> Tensor:
+    """§6: v_target = v_true + m·(1 − 1/w)·(v_B − v_A), with m ∈ {0, 1} and w per row (stop-gradient)."""
+    scale = m.to(v_true.dtype) * (1.0 - 1.0 / w)
+    return v_true + _per_row(scale, v_true) * (v_b - v_a)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training objective (§3 + §4 + §6)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ObjectiveConfig:
+    """Every constant of the training objective; defaults are the paper's (OWT: decode_noise_scale 5)."""
+
+    time_mean: float = -1.5  # §3 logit-normal time
+    time_std: float = 0.8
+    noise_scale: float = 2.0  # §2/§3 s
+    min_denom: float = 0.05  # §3 max(1 − t, 0.05)
+    decode_prob: float = 0.2  # §4 share of decode rows
+    decode_noise_scale: float = 5.0  # §4 s_dec: 5 for OWT, 1 for WMT14/XSum
+    decode_keep_mean: float = 0.8  # §4 p = sigmoid(N(0.8, 0.8²)) per token
+    decode_keep_std: float = 0.8
+    self_cond_prob: float = 0.5  # §6 m ~ Bernoulli(0.5)
+    guidance_low: float = 1.5  # §6 log(1 + w) ~ U[log 1.5, log 6]
+    guidance_high: float = 6.0
+    condition_dropout: float = 0.1  # §2 input-CFG; applied upstream (see `sample_condition_dropped`)
+
+
+Model = Callable[..., tuple[Tensor, Tensor | None]]
+
+
+def elf_loss(
+    model: Model,
+    x: Tensor,
+    loss_mask: Tensor,
+    source_mask: Tensor,
+    cond_dropped: Tensor,
+    tokens: Tensor,
+    cfg: ObjectiveConfig,
+    generator: torch.Generator,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The whole ELF training loss for one batch.
+
+    x [B, L, d] clean embeddings; loss_mask [B, L] bool (LM: non-pad; conditional: every non-source position);
+    source_mask [B, L] bool (all False for unconditional); cond_dropped [B] bool; tokens [B, L] target ids.
+
+    Each row is a decode row (prob. 0.2) or a denoise row. Denoise rows follow §3/§6: t, ε, z_t, the
+    self-conditioning coin m and the guidance scale w; no-grad pass A ([z, 0]) and pass B ([z, x̂_A]) give the
+    SC-CFG target; the gradient pass sees [z, m·x̂_A]. Decode rows follow §4: t = 1, decode mode, c = 0 and
+    the per-token corrupted input. Both kinds share one gradient forward. Loss = (Σ CE over decode-row loss
+    tokens + Σ channel-mean squared velocity error over denoise-row loss tokens) / #loss tokens in the batch.
+
+    Conditional rows (§2, §6): the clean source stays in place in z and in the decode input, never noised,
+    and out of the loss; rows with `cond_dropped` have their source set to 0 in x, z and the
+    self-conditioning input. The source positions of x̂_A in c are left as the model predicted them (the
+    sampler feeds x̂_prev the same way).
+
+    Choices made here (same math as the paper's batched version, less compute):
+    - Passes A and B run only on the rows that use them (denoise rows with m = 1): for m = 0 the target is
+      v_true and c = 0, so their A/B results would be multiplied by 0. They are always called (possibly on 0
+      rows) so wrappers that expect one call sequence per rank see the same calls.
+    - Decode rows reuse the row's ε (a row is never both kinds, so the draws stay independent) and get the
+      row's sampled w as guidance input, so the decode head learns to ignore w whatever the sampler passes.
+    Returns (loss, stats); stats are detached 0-dim tensors (mse, ce, acc per token; counts), so logging them
+    costs no device sync until read.
+    """
+    x = x.float()  # cached embeddings may be fp16; the flow math runs in fp32
+    b, length, d = x.shape
+    device = x.device
+    source_mask = source_mask.to(torch.bool)
+    cond_dropped = cond_dropped.to(torch.bool)
+    loss_mask = loss_mask.to(torch.bool) & ~source_mask
+
+    # Random draws, all rows, fixed order (determinism does not depend on which rows are which).
+    g = generator
+    is_decode = (_rand((b,), g) < cfg.decode_prob).to(device)
+    t = sample_time(b, g, cfg.time_mean, cfg.time_std).to(device)
+    m = (_rand((b,), g) < cfg.self_cond_prob).to(device)
+    w = sample_guidance_scale(b, g, cfg.guidance_low, cfg.guidance_high).to(device)
+    eps = _randn((b, length, d), g).to(device)
+    keep = sample_decode_keep((b, length), g, cfg.decode_keep_mean, cfg.decode_keep_std).to(device)
+
+    # §2 condition dropout: the dropped rows' source embeddings are 0 everywhere (x, z, c).
+    dropped_source = source_mask & cond_dropped[:, None]
+    x = x.masked_fill(dropped_source[..., None], 0.0)
+    source = source_mask[..., None]
+
+    # §3 denoise input and target velocity; §4 decode input. Source positions hold the clean source.
+    z_t = torch.where(source, x, noise_path(x, eps, t, cfg.noise_scale))
+    z_dec = torch.where(source, x, decode_corruption(x, eps, keep, cfg.decode_noise_scale))
+    v_target = velocity_target(x, eps, cfg.noise_scale)
+
+    # §6 self-conditioning CFG: passes A and B (no grad) on the denoise rows with m = 1.
+    self_cond = torch.zeros_like(x)
+    sc_rows = (~is_decode & m).nonzero().squeeze(1)
+    with torch.no_grad():
+        z_sc, t_sc, w_sc = z_t[sc_rows], t[sc_rows], w[sc_rows]
+        no_decode = torch.zeros(len(sc_rows), dtype=torch.bool, device=device)
+        x_hat_a, _ = model(z_sc, torch.zeros_like(z_sc), t_sc, w_sc, no_decode, return_logits=False)
+        x_hat_a = x_hat_a.float()
+        c_sc = x_hat_a.masked_fill(dropped_source[sc_rows][..., None], 0.0)
+        x_hat_b, _ = model(z_sc, c_sc, t_sc, w_sc, no_decode, return_logits=False)
+        v_a = x_to_v(x_hat_a, z_sc, t_sc, cfg.min_denom)
+        v_b = x_to_v(x_hat_b.float(), z_sc, t_sc, cfg.min_denom)
+        v_target[sc_rows] = sc_cfg_target(v_target[sc_rows], v_a, v_b, m[sc_rows], w_sc)
+        self_cond[sc_rows] = c_sc
+
+    # One gradient forward for both kinds of rows.
+    row_decode = is_decode[:, None, None]
+    z_in = torch.where(row_decode, z_dec, z_t)
+    t_in = torch.where(is_decode, torch.ones_like(t), t)
+    # return_logits=True even with no decode row: the decode head then stays in the graph (0 gradient), so
+    # DDP needs no find_unused_parameters.
+    x_hat, logits = model(z_in, self_cond, t_in, w, is_decode, return_logits=True)
+
+    # §3 denoise loss: channel-mean squared velocity error, summed over denoise-row loss tokens.
+    denoise_tokens = loss_mask & ~is_decode[:, None]
+    v_hat = x_to_v(x_hat.float(), z_t, t, cfg.min_denom)
+    sq_err = (v_hat - v_target).pow(2).mean(dim=-1)
+    mse_sum = sq_err[denoise_tokens].sum()
+
+    # §4 decode loss: token cross-entropy, summed over decode-row loss tokens.
+    decode_tokens = loss_mask[is_decode]
+    selected = logits[decode_tokens].float()
+    targets = tokens[is_decode][decode_tokens]
+    ce_sum = F.cross_entropy(selected, targets, reduction="sum")  # 0 (still in the graph) with no decode rows
+    correct = (selected.argmax(-1) == targets).sum()
+
+    n_loss = loss_mask.sum()
+    loss = (ce_sum + mse_sum) / n_loss.clamp(min=1)
+
+    n_denoise, n_decode = denoise_tokens.sum(), decode_tokens.sum()
+    stats = {
+        "mse": (mse_sum / n_denoise.clamp(min=1)).detach(),
+        "ce": (ce_sum / n_decode.clamp(min=1)).detach(),
+        "acc": (correct / n_decode.clamp(min=1)).detach(),
+        "denoise_tokens": n_denoise,
+        "decode_tokens": n_decode,
+        "loss_tokens": n_loss,
+        "denoise_rows": (~is_decode).sum(),
+        "decode_rows": is_decode.sum(),
+        "self_cond_rows": torch.tensor(len(sc_rows), device=device),
+    }
+    return loss, stats
