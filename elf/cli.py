@@ -17,6 +17,7 @@ from elf.errors import ElfError
 RAW_DIR = Path("data/raw")
 TOKENIZER_DIR = Path("data/tokenizer")
 TOKENS_DIR = Path("data/tokens")
+ENCODER_DIR = Path("data/encoder")
 
 
 def _prepare(args, config) -> None:
@@ -55,6 +56,43 @@ def _tokenize(args, config) -> None:
               f"{m['skipped_empty']} empty rows skipped, {len(m['shards'])} shard(s)")
 
 
+def _encoder(args, config) -> None:
+    import itertools
+
+    from elf import encoders
+    from elf.data.shards import iter_column
+    from elf.data.tokenizer import load_tokenizer, tokenizer_hash
+
+    settings = config.encoder
+    vocab_size = len(load_tokenizer(TOKENIZER_DIR))
+    tok_hash = tokenizer_hash(TOKENIZER_DIR)
+    if settings.kind == "pretrained":
+        encoder = encoders.load_pretrained_encoder(settings.pretrained, vocab_size=vocab_size)
+    elif settings.kind == "gaussian":
+        encoder = encoders.gaussian_encoder(vocab_size, settings.gaussian_dim, config.seed)
+    else:
+        from elf.tracking import mlflow_run
+
+        scratch = settings.scratch
+        rows = []
+        for name, dataset in config.datasets.items():
+            for column in ("input_ids",) if dataset.task == "lm" else ("source_ids", "target_ids"):
+                column_rows = iter_column(TOKENS_DIR / name / "train", column)
+                rows += itertools.islice(column_rows, scratch.max_rows_per_dataset)
+        with mlflow_run("elf-encoder", "scratch-encoder", params={"encoder": settings.model_dump()}) as run:
+            import mlflow
+
+            encoder, losses = encoders.train_scratch_encoder(
+                rows, vocab_size, scratch.d_model, scratch.num_layers, scratch.num_heads, scratch.d_ff,
+                scratch.steps, scratch.batch_size, scratch.max_length, scratch.lr, config.seed,
+                log_fn=lambda step, loss: mlflow.log_metric("span_corruption_loss", loss, step=step),
+            )
+            encoder.info["mlflow_run_id"] = run.info.run_id
+        print(f"encoder: span-corruption loss {losses[0]:.3f} → {losses[-1]:.3f} over {len(losses)} steps")
+    encoders.save_encoder(encoder, ENCODER_DIR, tok_hash)
+    print(f"encoder: {settings.kind}, dim {encoder.dim} → {ENCODER_DIR}")
+
+
 def _config(args, config_path: str) -> None:
     import yaml
 
@@ -88,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage = commands.add_parser("tokenize", help="raw text → token shards in data/tokens/<dataset>/<split>/")
     stage.add_argument("dataset")
     stage.set_defaults(run=_tokenize)
+
+    stage = commands.add_parser("encoder", help="build the frozen encoder (pretrained / scratch / gaussian) → data/encoder/")
+    stage.set_defaults(run=_encoder)
 
     stage = commands.add_parser("config", help="check, show or switch the configuration (presets)")
     actions = stage.add_subparsers(dest="action", required=True)

@@ -151,11 +151,55 @@ class TokenizeConfig(_Strict):
     workers: int = Field(default=0, ge=0)
 
 
+class ScratchEncoderConfig(_Strict):
+    """A small T5 trained here with span corruption; only its encoder is kept (elf-method §2)."""
+
+    d_model: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    d_ff: int = Field(gt=0)
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    max_length: int = Field(gt=2)
+    lr: float = Field(gt=0)
+    max_rows_per_dataset: int = Field(default=20_000, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ScratchEncoderConfig:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})")
+        return self
+
+
+class EncoderConfig(_Strict):
+    """The frozen encoder: `pretrained` T5 (the paper: t5-small), `scratch` (demo default) or `gaussian`."""
+
+    kind: Literal["pretrained", "scratch", "gaussian"]
+    pretrained: str = "t5-small"
+    scratch: ScratchEncoderConfig | None = None
+    gaussian_dim: int = Field(default=128, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> EncoderConfig:
+        if self.kind == "scratch" and self.scratch is None:
+            raise ValueError("kind is 'scratch' but there is no 'scratch:' section")
+        return self
+
+
+class EmbedConfig(_Strict):
+    """The embedding cache: per dataset on/off (off = training encodes online)."""
+
+    cache: dict[str, bool]
+    batch_size: int = Field(gt=0)
+
+
 class Config(_Strict):
     seed: int
     datasets: dict[str, DatasetConfig]
     tokenizer: TokenizerConfig
     tokenize: TokenizeConfig
+    encoder: EncoderConfig
+    embed: EmbedConfig
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -164,6 +208,12 @@ class Config(_Strict):
         for name in self.datasets:
             if not _DATASET_NAME.match(name):
                 raise ValueError(f"dataset name '{name}' must match {_DATASET_NAME.pattern}")
+        for section in ("embed.cache",):
+            unknown = set(self.embed.cache) - set(self.datasets)
+            missing = set(self.datasets) - set(self.embed.cache)
+            if unknown or missing:
+                raise ValueError(f"{section} must name every dataset exactly once "
+                                 f"(unknown: {sorted(unknown)}, missing: {sorted(missing)})")
         return self
 
     def dataset(self, name: str) -> DatasetConfig:

@@ -126,6 +126,31 @@ class ObjectiveConfig:
 
 
 Model = Callable[..., tuple[Tensor, Tensor | None]]
+NOISE_KEYS = ("is_decode", "t", "m", "w", "eps", "keep")
+
+
+def draw_noise(n: int, length: int, dim: int, cfg: ObjectiveConfig, generator: torch.Generator) -> dict[str, Tensor]:
+    """Every random quantity of one training step for n rows, drawn in a fixed order from `generator`."""
+    g = generator
+    return {
+        "is_decode": _rand((n,), g) < cfg.decode_prob,  # §4 decode row or §3 denoise row
+        "t": sample_time(n, g, cfg.time_mean, cfg.time_std),
+        "m": _rand((n,), g) < cfg.self_cond_prob,  # §6 self-conditioning coin
+        "w": sample_guidance_scale(n, g, cfg.guidance_low, cfg.guidance_high),
+        "eps": _randn((n, length, dim), g),
+        "keep": sample_decode_keep((n, length), g, cfg.decode_keep_mean, cfg.decode_keep_std),
+    }
+
+
+def draw_noise_per_row(seeds: list[int], length: int, dim: int, cfg: ObjectiveConfig,
+                       device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """`draw_noise` with one generator per row, seeded from (step, row of the global batch) by the trainer.
+
+    A row's noise then depends only on its seed, not on which rank or micro-batch it lands in: training with
+    any world size or gradient accumulation sees the same draws, and a resumed step repeats them exactly.
+    """
+    rows = [draw_noise(1, length, dim, cfg, torch.Generator(device).manual_seed(seed)) for seed in seeds]
+    return {key: torch.cat([row[key] for row in rows]) for key in NOISE_KEYS}
 
 
 def elf_loss(
@@ -136,7 +161,8 @@ def elf_loss(
     cond_dropped: Tensor,
     tokens: Tensor,
     cfg: ObjectiveConfig,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
+    draws: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The whole ELF training loss for one batch.
 
@@ -160,6 +186,7 @@ def elf_loss(
       rows) so wrappers that expect one call sequence per rank see the same calls.
     - Decode rows reuse the row's ε (a row is never both kinds, so the draws stay independent) and get the
       row's sampled w as guidance input, so the decode head learns to ignore w whatever the sampler passes.
+    The random draws come from `draws` (see `draw_noise_per_row`) or, when None, from `generator`.
     Returns (loss, stats); stats are detached 0-dim tensors (mse, ce, acc per token; counts), so logging them
     costs no device sync until read.
     """
@@ -170,14 +197,9 @@ def elf_loss(
     cond_dropped = cond_dropped.to(torch.bool)
     loss_mask = loss_mask.to(torch.bool) & ~source_mask
 
-    # Random draws, all rows, fixed order (determinism does not depend on which rows are which).
-    g = generator
-    is_decode = (_rand((b,), g) < cfg.decode_prob).to(device)
-    t = sample_time(b, g, cfg.time_mean, cfg.time_std).to(device)
-    m = (_rand((b,), g) < cfg.self_cond_prob).to(device)
-    w = sample_guidance_scale(b, g, cfg.guidance_low, cfg.guidance_high).to(device)
-    eps = _randn((b, length, d), g).to(device)
-    keep = sample_decode_keep((b, length), g, cfg.decode_keep_mean, cfg.decode_keep_std).to(device)
+    if draws is None:
+        draws = draw_noise(b, length, d, cfg, generator)
+    is_decode, t, m, w, eps, keep = (draws[k].to(device) for k in NOISE_KEYS)
 
     # §2 condition dropout: the dropped rows' source embeddings are 0 everywhere (x, z, c).
     dropped_source = source_mask & cond_dropped[:, None]

@@ -21,6 +21,7 @@ def tiny_params() -> dict:
     datasets["wmt14"]["demo"].update(train_size=200, validation_size=20, test_size=20)
     datasets["xsum"]["demo"].update(train_size=100, validation_size=10, test_size=10)
     params["tokenizer"]["vocab_size"] = 400
+    params["encoder"]["scratch"].update(d_model=32, num_layers=1, num_heads=2, d_ff=64, steps=10, batch_size=8)
     return params
 
 
@@ -54,6 +55,7 @@ def test_dvc_repro_builds_data_stages_and_second_run_does_nothing(project):
         assert manifest["rows"] > 0 and manifest["tokenizer_hash"]
     assert (project / "data/raw/owt/grammar.json").is_file()
     assert (project / "data/tokenizer/tokenizer.json").is_file()
+    assert (project / "data/encoder/encoder.json").is_file()
     lock = (project / "dvc.lock").read_text()
 
     second = run(str(BIN / "dvc"), "repro", cwd=project)

@@ -178,3 +178,11 @@ def verify_shards(directory: str | Path) -> dict[str, Any]:
         if file_sha256(directory / shard["file"]) != shard["sha256"]:
             raise ElfError(f"{directory / shard['file']}: checksum does not match {directory / MANIFEST}")
     return manifest
+
+
+def iter_column(directory: str | Path, column: str, batch_rows: int = 4096) -> Iterator[list]:
+    """Stream one column of a shard directory, shard by shard in manifest order, as Python values."""
+    directory = Path(directory)
+    for shard in read_manifest(directory)["shards"]:
+        for batch in iter_parquet_batches(directory / shard["file"], [column], batch_rows):
+            yield from batch.column(column).to_pylist()
