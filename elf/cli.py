@@ -18,6 +18,9 @@ RAW_DIR = Path("data/raw")
 TOKENIZER_DIR = Path("data/tokenizer")
 TOKENS_DIR = Path("data/tokens")
 ENCODER_DIR = Path("data/encoder")
+EMBEDDINGS_DIR = Path("data/embeddings")
+MODELS_DIR = Path("models")
+METRICS_DIR = Path("metrics")
 
 
 def _prepare(args, config) -> None:
@@ -93,6 +96,31 @@ def _encoder(args, config) -> None:
     print(f"encoder: {settings.kind}, dim {encoder.dim} → {ENCODER_DIR}")
 
 
+def _embed(args, config) -> None:
+    from elf.data.embed import embed_dataset
+
+    config.dataset(args.dataset)
+    manifests = embed_dataset(TOKENS_DIR / args.dataset, ENCODER_DIR, EMBEDDINGS_DIR / args.dataset,
+                              cache=config.embed.cache[args.dataset], batch_size=config.embed.batch_size)
+    for split, m in manifests.items():
+        state = f"{m['rows']} rows, {m['tokens']} tokens, {m['bytes'] / 2**20:.1f} MiB" if m.get("cached") else \
+            "not cached (training encodes online)"
+        print(f"embed {args.dataset}/{split}: {state}")
+
+
+def _train(args, config) -> None:
+    from elf.data.shards import read_json
+    from elf.train import TrainPaths, train
+
+    dataset = config.dataset(args.dataset)
+    embeddings = EMBEDDINGS_DIR / args.dataset / "train"
+    cached = read_json(embeddings / "manifest.json", "embeddings manifest").get("cached", False)
+    paths = TrainPaths(tokens=TOKENS_DIR / args.dataset / "train", embeddings=embeddings if cached else None,
+                       encoder=ENCODER_DIR, out=MODELS_DIR / args.dataset, metrics=METRICS_DIR / args.dataset)
+    train(args.dataset, dataset, config.train.for_dataset(args.dataset), config.seed, paths,
+          stop_after=args.stop_after)
+
+
 def _config(args, config_path: str) -> None:
     import yaml
 
@@ -127,8 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("dataset")
     stage.set_defaults(run=_tokenize)
 
-    stage = commands.add_parser("encoder", help="build the frozen encoder (pretrained / scratch / gaussian) → data/encoder/")
+    stage = commands.add_parser("encoder", help="build the frozen encoder → data/encoder/")
     stage.set_defaults(run=_encoder)
+
+    stage = commands.add_parser("embed", help="cache per-token embeddings → data/embeddings/<dataset>/<split>/")
+    stage.add_argument("dataset")
+    stage.set_defaults(run=_embed)
+
+    stage = commands.add_parser("train", help="train (or resume) the ELF model of a dataset → models/<dataset>/")
+    stage.add_argument("dataset")
+    stage.add_argument("--stop-after", type=int, default=None, metavar="N",
+                       help="stop after N more steps (checkpointed; the next run resumes)")
+    stage.set_defaults(run=_train)
 
     stage = commands.add_parser("config", help="check, show or switch the configuration (presets)")
     actions = stage.add_subparsers(dest="action", required=True)

@@ -193,6 +193,79 @@ class EmbedConfig(_Strict):
     batch_size: int = Field(gt=0)
 
 
+class ObjectiveSettings(_Strict):
+    """The training objective's constants (elf-method §3, §4, §6); defaults are the paper's."""
+
+    time_mean: float = -1.5
+    time_std: float = Field(default=0.8, gt=0)
+    noise_scale: float = Field(default=2.0, gt=0)
+    min_denom: float = Field(default=0.05, gt=0, le=1)
+    decode_prob: float = Field(default=0.2, ge=0, le=1)
+    decode_noise_scale: float = Field(default=5.0, gt=0)  # §4: 5 for OWT, 1 for WMT14 / XSum
+    decode_keep_mean: float = 0.8
+    decode_keep_std: float = Field(default=0.8, gt=0)
+    self_cond_prob: float = Field(default=0.5, ge=0, le=1)
+    guidance_low: float = Field(default=1.5, gt=1)
+    guidance_high: float = Field(default=6.0, gt=1)
+    condition_dropout: float = Field(default=0.1, ge=0, lt=1)
+
+
+class TrainSettings(_Strict):
+    """One training run (elf-method §8). `train.defaults` holds these; `train.datasets.<ds>` overrides them."""
+
+    preset: str = "tiny"
+    model: dict[str, int | float] = Field(default_factory=dict)  # overrides of the preset (depth, hidden, ...)
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)  # global batch, whatever the number of processes
+    micro_batch_size: int | None = Field(default=None, gt=0)  # per process; None = batch / world (no accumulation)
+    optimizer: Literal["muon", "adamw"] = "muon"
+    base_lr: float = Field(default=0.001, gt=0)  # lr = base_lr × batch_size / 256 (§8)
+    lr: float | None = Field(default=None, gt=0)  # set to override the batch scaling
+    warmup_steps: int = Field(default=0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    ema_decay: float = Field(default=0.9999, ge=0, lt=1)
+    checkpoint_every: int = Field(gt=0)
+    keep_checkpoints: int = Field(default=2, gt=0)
+    log_every: int = Field(default=10, gt=0)
+    shuffle_window: int = Field(default=4, gt=0)  # row groups mixed in the shuffle buffer
+    objective: ObjectiveSettings = Field(default_factory=ObjectiveSettings)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSettings:
+        from elf.model import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset '{self.preset}' is not one of {', '.join(PRESETS)}")
+        if self.objective.guidance_high <= self.objective.guidance_low:
+            raise ValueError("objective.guidance_high must exceed objective.guidance_low")
+        return self
+
+
+def _deep_update(base: dict, overlay: dict) -> dict:
+    merged = dict(base)
+    for key, value in overlay.items():
+        merged[key] = _deep_update(base[key], value) if isinstance(value, dict) and isinstance(
+            base.get(key), dict) else value
+    return merged
+
+
+class TrainConfig(_Strict):
+    defaults: dict[str, Any]
+    datasets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def for_dataset(self, name: str) -> TrainSettings:
+        """The defaults with the dataset's overrides applied, validated (errors name the merged key)."""
+        merged = _deep_update(self.defaults, self.datasets.get(name, {}))
+        try:
+            return TrainSettings.model_validate(merged)
+        except ValidationError as error:
+            raise ElfError(_format_error(f"params.yaml: train (for dataset {name})", error)) from None
+
+
 class Config(_Strict):
     seed: int
     datasets: dict[str, DatasetConfig]
@@ -200,6 +273,7 @@ class Config(_Strict):
     tokenize: TokenizeConfig
     encoder: EncoderConfig
     embed: EmbedConfig
+    train: TrainConfig
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -208,12 +282,14 @@ class Config(_Strict):
         for name in self.datasets:
             if not _DATASET_NAME.match(name):
                 raise ValueError(f"dataset name '{name}' must match {_DATASET_NAME.pattern}")
-        for section in ("embed.cache",):
-            unknown = set(self.embed.cache) - set(self.datasets)
-            missing = set(self.datasets) - set(self.embed.cache)
-            if unknown or missing:
-                raise ValueError(f"{section} must name every dataset exactly once "
-                                 f"(unknown: {sorted(unknown)}, missing: {sorted(missing)})")
+        unknown = set(self.embed.cache) ^ set(self.datasets)
+        if unknown:
+            raise ValueError(f"embed.cache must name every dataset exactly once (check: {sorted(unknown)})")
+        unknown = set(self.train.datasets) - set(self.datasets)
+        if unknown:
+            raise ValueError(f"train.datasets names unknown datasets {sorted(unknown)}")
+        for name in self.datasets:  # every dataset's merged training settings must be valid at load
+            self.train.for_dataset(name)
         return self
 
     def dataset(self, name: str) -> DatasetConfig:

@@ -16,8 +16,10 @@ when `ModelConfig.attention_fp32` is set (default), see `Attention`.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -354,3 +356,47 @@ def model_config(preset: str, embed_dim: int, vocab_size: int, **overrides) -> M
 def build_model(preset: str, embed_dim: int, vocab_size: int, **overrides) -> ELF:
     """ELF of a named preset for an encoder of width `embed_dim` and a vocabulary of `vocab_size`."""
     return ELF(model_config(preset, embed_dim, vocab_size, **overrides))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saved models: a directory with config.json + model.safetensors that `load_model(path)` rebuilds
+# ---------------------------------------------------------------------------------------------------------
+
+MODEL_CONFIG_FILE = "config.json"
+MODEL_WEIGHTS_FILE = "model.safetensors"
+
+
+def save_model(model: ELF, directory: str | Path, metadata: dict | None = None) -> None:
+    """Write the network's config (plus `metadata`: dataset, encoder hash, …) and weights to `directory`."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"model": model.cfg.to_dict(), **(metadata or {})}
+    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+              str(directory / MODEL_WEIGHTS_FILE))
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[ELF, dict]:
+    """Rebuild a saved model in eval mode; returns it with the config's metadata. Errors name the file."""
+    from safetensors.torch import load_file
+
+    from elf.errors import ElfError
+
+    directory = Path(directory)
+    config_path, weights_path = directory / MODEL_CONFIG_FILE, directory / MODEL_WEIGHTS_FILE
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        model = ELF(ModelConfig.from_dict(config["model"]))
+    except FileNotFoundError:
+        raise ElfError(f"{config_path}: not found (is {directory} a trained ELF model directory?)") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise ElfError(f"{config_path}: not a valid ELF model config ({error})") from None
+    try:
+        model.load_state_dict(load_file(str(weights_path), device=str(device)))
+    except FileNotFoundError:
+        raise ElfError(f"{weights_path}: not found") from None
+    except Exception as error:  # noqa: BLE001 - safetensors and load_state_dict raise several types
+        raise ElfError(f"{weights_path}: cannot load weights ({str(error).splitlines()[0]})") from None
+    return model.to(device).eval(), {k: v for k, v in config.items() if k != "model"}

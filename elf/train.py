@@ -1,0 +1,391 @@
+"""The train stage: one ELF model per dataset, single process or `torchrun` DDP, resumable exactly.
+
+    elf train owt                                                 # one process (CPU or one GPU)
+    torchrun --standalone --nproc-per-node 8 -m elf.cli train owt  # DDP on 8 GPUs (gloo on CPU)
+
+The global batch (`train.*.batch_size`) is the same whatever the number of processes: each process takes
+its contiguous slice of every global batch and splits it into micro-batches (gradient accumulation). The
+random draws of the objective are seeded per (step, row of the global batch), and the loss is normalised
+by the global number of loss tokens, so 1 process and N processes compute the same update.
+
+Outputs under `models/<ds>/`: `checkpoints/step-XXXXXX/` (see elf/checkpoint.py; kept across `dvc repro`
+runs with `persist: true`, and resumed automatically) and `model/` — the final EMA network as
+`config.json` + `model.safetensors`, loadable with `elf.model.load_model`. Also `metrics/<ds>/train.json`
+and the loss curve `metrics/<ds>/train_loss.png`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from elf import checkpoint as ckpt
+from elf.config import DatasetConfig, TrainSettings
+from elf.data.loader import TrainLoader
+from elf.data.shards import read_json, write_json_atomic
+from elf.encoders import load_encoder
+from elf.errors import ElfError
+from elf.flow import ObjectiveConfig, draw_noise_per_row, elf_loss
+from elf.hashing import file_sha256
+from elf.model import ELF, build_model, num_parameters, save_model
+from elf.optim import EMA, build_optimizer, warmup_constant_schedule
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    tokens: Path  # data/tokens/<ds>/train
+    embeddings: Path | None  # data/embeddings/<ds>/train when cached, else None (online encoding)
+    encoder: Path  # data/encoder
+    out: Path  # models/<ds>
+    metrics: Path  # metrics/<ds>
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def model(self) -> Path:
+        return self.out / "model"
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """One process, or the `torchrun` environment: NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, device)
+
+
+def _all_reduce(values: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+def row_seed(seed: int, step: int, row: int) -> int:
+    """The noise seed of one row of one global batch (independent of ranks and micro-batches)."""
+    return ((seed * 1_000_003 + step) * 1_048_576 + row) % (2**63 - 1)
+
+
+def micro_batches(settings: TrainSettings, world: int) -> tuple[int, int]:
+    """(rows per process per step, rows per micro-batch); errors name the parameter."""
+    if settings.batch_size % world:
+        raise ElfError(f"params.yaml: train batch_size {settings.batch_size} is not divisible by {world} processes")
+    local = settings.batch_size // world
+    micro = settings.micro_batch_size or local
+    if local % micro:
+        raise ElfError(f"params.yaml: train micro_batch_size {micro} does not divide the per-process batch {local}")
+    return local, micro
+
+
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every")
+
+
+def run_fingerprint(dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths) -> str:
+    """What a checkpoint must agree with to be resumed: everything but the settings that may change midway."""
+    import hashlib
+
+    record = {"dataset": dataset.model_dump(mode="json"), "seed": seed,
+              "train": settings.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES)),
+              "tokens": file_sha256(paths.tokens / "manifest.json"),
+              "encoder": read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"]}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _slice(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+class Trainer:
+    """Holds everything a step needs, and everything a checkpoint must restore."""
+
+    def __init__(self, name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths,
+                 d: Dist):
+        self.name, self.dataset, self.settings, self.seed, self.paths, self.d = name, dataset, settings, seed, paths, d
+        tokens_manifest = read_json(paths.tokens / "manifest.json", "tokens manifest")
+        self.encoder = load_encoder(paths.encoder, expected_tokenizer_hash=tokens_manifest["tokenizer_hash"]).to(
+            d.device)
+        self.tokens_manifest = tokens_manifest
+        self.local_batch, self.micro = micro_batches(settings, d.world)
+        torch.manual_seed(seed)  # identical initial weights on every rank
+        self.model: ELF = build_model(settings.preset, self.encoder.dim, tokens_manifest["vocab_size"],
+                                      **settings.model).to(d.device)
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model) if d.world > 1 else None)
+        self.optimizer = build_optimizer(self.model, kind=settings.optimizer, lr=settings.learning_rate)
+        self.scheduler = warmup_constant_schedule(self.optimizer, settings.warmup_steps)
+        self.ema = EMA(self.model, settings.ema_decay)
+        self.objective = ObjectiveConfig(**settings.objective.model_dump())
+        self.loader = TrainLoader(
+            tokens_dir=paths.tokens, embeddings_dir=paths.embeddings, encoder=self.encoder,
+            batch_size=self.local_batch, seed=seed, shuffle_window=settings.shuffle_window,
+            condition_dropout=settings.objective.condition_dropout if dataset.task == "seq2seq" else 0.0,
+            rank=d.rank, world_size=d.world, device=d.device,
+        )
+        self.fingerprint = run_fingerprint(dataset, settings, seed, paths)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.mlflow_run_id: str | None = None
+        torch.manual_seed(seed + 1 + d.rank)  # per-rank stream for anything else random
+
+    # -- one optimisation step ------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.d.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)  # §8; projections and heads stay fp32 (model.py)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict[str, float]:
+        batch = next(self.loader)
+        loss_mask = batch["loss_mask"] & ~batch["source_mask"]
+        # Σ over the global batch of loss tokens: the shared denominator of §4, across ranks and micro-batches.
+        totals = _all_reduce(torch.tensor([float(loss_mask.sum())], device=self.d.device), self.d)
+        n_global = max(float(totals[0]), 1.0)
+        sums = torch.zeros(6, device=self.d.device)  # loss, mse·n, ce·n, correct, n_denoise, n_decode
+        module = self.ddp or self.model
+        length, dim = batch["x"].shape[1], batch["x"].shape[2]
+        first_row = self.d.rank * self.local_batch
+        for start in range(0, self.local_batch, self.micro):
+            mb = _slice(batch, start, start + self.micro)
+            seeds = [row_seed(self.seed, self.step, first_row + start + i) for i in range(self.micro)]
+            draws = draw_noise_per_row(seeds, length, dim, self.objective, self.d.device)
+            last = start + self.micro >= self.local_batch
+            sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
+            with sync:
+                with self._autocast():
+                    loss, stats = elf_loss(module, mb["x"], mb["loss_mask"], mb["source_mask"], mb["cond_dropped"],
+                                           mb["input_ids"], self.objective, draws=draws)
+                n_local = stats["loss_tokens"].float()
+                # DDP averages gradients over ranks, hence × world: the result is Σ(loss sums) / n_global.
+                (loss * n_local * self.d.world / n_global).backward()
+            sums += torch.stack([
+                (loss * n_local).detach().float(), stats["mse"] * stats["denoise_tokens"],
+                stats["ce"] * stats["decode_tokens"], stats["acc"] * stats["decode_tokens"],
+                stats["denoise_tokens"].float(), stats["decode_tokens"].float(),
+            ])
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.ema.update(self.model)
+        self.step += 1
+        sums = _all_reduce(sums, self.d)
+        return {
+            "loss": float(sums[0]) / n_global,
+            "mse": float(sums[1]) / max(float(sums[4]), 1.0),
+            "ce": float(sums[2]) / max(float(sums[5]), 1.0),
+            "decode_acc": float(sums[3]) / max(float(sums[5]), 1.0),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "tokens": float(_all_reduce(torch.tensor([float(batch["valid_mask"].sum())]), self.d)[0]),
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        root = self.paths.checkpoints
+        tmp = ckpt.tmp_dir(root, self.step)
+        if self.d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier(self.d)
+        ckpt.save_tensors(tmp / f"rank-{self.d.rank}-rng.safetensors", ckpt.rng_state())
+        ckpt.write_json(tmp / f"rank-{self.d.rank}.json", {"loader": self.loader.state_dict()})
+        if self.d.main:
+            ckpt.save_tensors(tmp / "model.safetensors", self.model.state_dict())
+            ema = self.ema.state_dict()
+            ckpt.save_tensors(tmp / "ema.safetensors", ema["shadow"])
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            ckpt.write_json(tmp / "trainer.json", {
+                "step": self.step, "world_size": self.d.world, "scheduler": self.scheduler.state_dict(),
+                "ema": {"decay": ema["decay"], "num_updates": ema["num_updates"]}, "history": self.history,
+                "mlflow_run_id": self.mlflow_run_id, "fingerprint": self.fingerprint,
+            })
+        _barrier(self.d)
+        if self.d.main:
+            ckpt.finalise(root, self.step, self.settings.keep_checkpoints)
+        _barrier(self.d)
+
+    def resume(self) -> bool:
+        """Restore the newest checkpoint, if any. A corrupt one is an error, not a fresh start."""
+        ckpt.clean_partial(self.paths.checkpoints) if self.d.main else None
+        _barrier(self.d)
+        found = ckpt.list_checkpoints(self.paths.checkpoints)
+        if not found:
+            return False
+        directory = found[-1]
+        ckpt.verify(directory)
+        state = ckpt.read_trainer_state(directory)
+        if state.get("fingerprint") != self.fingerprint:
+            raise ElfError(f"{directory / 'trainer.json'}: checkpoint was written with other data, encoder or "
+                           f"train settings (only {', '.join(RESUMABLE_CHANGES)} may change when resuming); "
+                           f"delete {self.paths.checkpoints} to train from scratch")
+        if state["world_size"] != self.d.world:
+            raise ElfError(f"{directory / 'trainer.json'}: written by {state['world_size']} processes, resuming "
+                           f"with {self.d.world}; the loader state is per process, so resume with the same number")
+        try:
+            self.model.load_state_dict(ckpt.load_tensors(directory / "model.safetensors"))
+            self.ema.load_state_dict({**state["ema"], "shadow": ckpt.load_tensors(directory / "ema.safetensors")})
+            self.optimizer.load_state_dict(ckpt.load_optimizer_state(directory / "optimizer.pt"))
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ElfError(f"{directory}: checkpoint does not fit this model/optimiser "
+                           f"({str(error).splitlines()[0]}); did params.yaml change?") from None
+        rank_state = read_json(directory / f"rank-{self.d.rank}.json", "rank state")
+        self.loader.load_state_dict(rank_state["loader"])
+        ckpt.set_rng_state(ckpt.load_tensors(directory / f"rank-{self.d.rank}-rng.safetensors"))
+        self.step = state["step"]
+        self.history = state["history"]
+        self.mlflow_run_id = state["mlflow_run_id"]
+        return True
+
+
+def _plot_loss(history: list[dict[str, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [h["step"] for h in history]
+    axes[0].plot(steps, [h["loss"] for h in history], label="loss")
+    axes[0].plot(steps, [h["mse"] for h in history], label="mse (denoise)", alpha=0.7)
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    axes[1].plot(steps, [h["ce"] for h in history], label="ce (decode)")
+    axes[1].plot(steps, [h["decode_acc"] for h in history], label="decode accuracy")
+    axes[1].legend()
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _mlflow_context(trainer: Trainer, params: dict[str, Any]):
+    from elf.tracking import mlflow_run
+
+    if not trainer.d.main:
+        return contextlib.nullcontext(None)
+    paths = trainer.paths
+    tags = {"dataset": trainer.name, "tokens_manifest_sha256": file_sha256(paths.tokens / "manifest.json"),
+            "encoder_content_hash": read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"]}
+    if paths.embeddings is not None:
+        tags["embeddings_manifest_sha256"] = file_sha256(paths.embeddings / "manifest.json")
+    return mlflow_run(f"elf-{trainer.name}", f"train-{trainer.name}", params=None if trainer.mlflow_run_id else params,
+                      tags=tags, run_id=trainer.mlflow_run_id)
+
+
+def train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume) to `settings.steps`; `stop_after` ends early after that many steps of this call
+    (for tests of resume). Returns the final metrics (rank 0)."""
+    d = init_distributed()
+    trainer = Trainer(name, dataset, settings, seed, paths, d)
+    resumed = trainer.resume()
+    params = {"dataset": name, "task": dataset.task, "max_length": dataset.max_length, "train": settings.model_dump(),
+              "world_size": d.world, "model_parameters": num_parameters(trainer.model),
+              "encoder": {"kind": trainer.encoder.kind, "dim": trainer.encoder.dim}}
+    if d.main:
+        print(f"train {name}: {settings.preset}, {num_parameters(trainer.model):,} parameters, "
+              f"{'resuming at step ' + str(trainer.step) if resumed else 'from scratch'}, "
+              f"{d.world} process(es), {trainer.micro}-row micro-batches, lr {settings.learning_rate:g}")
+    with _mlflow_context(trainer, params) as run:
+        if d.main and run is not None:
+            import mlflow
+
+            trainer.mlflow_run_id = run.info.run_id
+        target = settings.steps if stop_after is None else min(settings.steps, trainer.step + stop_after)
+        progress = tqdm(total=settings.steps, initial=trainer.step, desc=f"train {name}", disable=not d.main,
+                        mininterval=1.0)
+        window_tokens, window_start = 0.0, time.perf_counter()
+        while trainer.step < target:
+            metrics = trainer.train_step()
+            window_tokens += metrics.pop("tokens")
+            if trainer.step % settings.log_every == 0 or trainer.step == target:
+                elapsed = time.perf_counter() - window_start
+                metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                window_tokens, window_start = 0.0, time.perf_counter()
+                if not math.isfinite(metrics["loss"]):
+                    raise ElfError(f"train {name}: loss is {metrics['loss']} at step {trainer.step}; "
+                                   "lower train.lr or check the data")
+                trainer.history.append({"step": trainer.step, **metrics})
+                if d.main:
+                    mlflow.log_metrics(metrics, step=trainer.step)
+                    progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            progress.update(1)
+            if trainer.step % settings.checkpoint_every == 0 or trainer.step == target:
+                trainer.save_checkpoint()
+        progress.close()
+        if trainer.step < settings.steps:
+            return {"step": trainer.step}
+        result = _finish(trainer, run)
+    if d.world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+def _finish(trainer: Trainer, run) -> dict[str, Any]:
+    """Write the EMA model, metrics and plot (rank 0), and attach the model to the MLflow run."""
+    d, paths = trainer.d, trainer.paths
+    if not d.main:
+        return {}
+    ema_model = trainer.ema.ema_model(trainer.model)
+    metadata = {"dataset": trainer.name, "task": trainer.dataset.task, "max_length": trainer.dataset.max_length,
+                "max_input_length": trainer.dataset.max_input_length, "step": trainer.step,
+                "tokenizer_hash": trainer.tokens_manifest["tokenizer_hash"],
+                "encoder_content_hash": read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"],
+                "objective": asdict(trainer.objective), "mlflow_run_id": trainer.mlflow_run_id}
+    tmp = paths.out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(ema_model, tmp, metadata)
+    shutil.rmtree(paths.model, ignore_errors=True)
+    os.replace(tmp, paths.model)
+    last = trainer.history[-1] if trainer.history else {}
+    summary = {"dataset": trainer.name, "steps": trainer.step, "mlflow_run_id": trainer.mlflow_run_id,
+               **{k: last[k] for k in ("loss", "mse", "ce", "decode_acc", "tokens_per_s") if k in last}}
+    paths.metrics.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(paths.metrics / "train.json", summary)
+    _plot_loss(trainer.history, paths.metrics / "train_loss.png", f"ELF training: {trainer.name}")
+    if run is not None:
+        import mlflow
+
+        mlflow.log_artifacts(str(paths.model), artifact_path="model")
+        mlflow.log_artifact(str(paths.metrics / "train_loss.png"))
+    (paths.out / "mlflow_run_id").write_text(f"{trainer.mlflow_run_id}\n", encoding="utf-8")
+    print(json.dumps(summary))
+    return summary
