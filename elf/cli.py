@@ -21,6 +21,7 @@ ENCODER_DIR = Path("data/encoder")
 EMBEDDINGS_DIR = Path("data/embeddings")
 MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics")
+SAMPLES_DIR = Path("samples")
 
 
 def _prepare(args, config) -> None:
@@ -121,6 +122,77 @@ def _train(args, config) -> None:
           stop_after=args.stop_after)
 
 
+def _sample(args, config) -> None:
+    from elf.generation import sample_dataset
+
+    if args.model is not None:
+        return _sample_interactively(args)
+    if args.dataset is None:
+        raise ElfError("elf sample: give a dataset (the stage) or --model DIR (print a few samples)")
+    dataset = config.dataset(args.dataset)
+    count = sample_dataset(args.dataset, dataset, config.sample, MODELS_DIR / args.dataset / "model", ENCODER_DIR,
+                           TOKENIZER_DIR, TOKENS_DIR / args.dataset, RAW_DIR / args.dataset,
+                           SAMPLES_DIR / f"{args.dataset}.jsonl")
+    print(f"sample {args.dataset}: {count} rows → {SAMPLES_DIR / f'{args.dataset}.jsonl'}")
+
+
+def _sample_interactively(args) -> None:
+    import torch
+
+    from elf.generation import encode_sources, load_trained
+    from elf.sample import SamplerConfig, generate, ids_to_texts, source_starts
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model_dir = Path(args.model)
+    from elf.model import load_model
+
+    _, meta = load_model(model_dir)
+    model, meta, encoder, tokenizer = load_trained(model_dir, meta.get("dataset"), Path(args.encoder),
+                                                   Path(args.tokenizer), device)
+    cfg = SamplerConfig(kind=args.kind, steps=args.steps, gamma=args.gamma, guidance=args.guidance,
+                        cfg_scale=args.cfg_scale)
+    if meta["task"] == "seq2seq":
+        if not args.source:
+            raise ElfError(f"{model_dir}: a {meta['dataset']} model needs --source TEXT")
+        ids = tokenizer(args.source, add_special_tokens=False)["input_ids"][: meta["max_input_length"] - 1] + [1]
+        source, mask = encode_sources(encoder, [ids] * args.num, meta["max_length"])
+        out = generate(model, encoder.dim, meta["max_length"], args.num, cfg, args.seed, device, source=source,
+                       source_mask=mask, progress=False)
+        texts = ids_to_texts(out.ids, tokenizer, start=source_starts(mask))
+    else:
+        out = generate(model, encoder.dim, meta["max_length"], args.num, cfg, args.seed, device,
+                       num_samples=args.num, progress=False)
+        texts = ids_to_texts(out.ids, tokenizer)
+    for i, text in enumerate(texts):
+        print(f"[{i}] {text}")
+
+
+def _evaluate(args, config) -> None:
+    from elf.data.tokenizer import load_tokenizer
+    from elf.evaluate import evaluate_dataset, log_report
+
+    dataset = config.dataset(args.dataset)
+    metrics_dir = METRICS_DIR / args.dataset
+    samples = SAMPLES_DIR / f"{args.dataset}.jsonl"
+    report = evaluate_dataset(args.dataset, dataset, config.evaluate, samples, RAW_DIR / args.dataset,
+                              load_tokenizer(TOKENIZER_DIR), metrics_dir)
+    run_id_file = MODELS_DIR / args.dataset / "mlflow_run_id"
+    if run_id_file.is_file():
+        from elf.tracking import mlflow_run, register_candidate
+
+        run_id = run_id_file.read_text().strip()
+        with mlflow_run(f"elf-{args.dataset}", "", run_id=run_id):
+            log_report(report, run_id, samples, metrics_dir / "eval_quality.png")
+        if config.evaluate.register_model:
+            primary = report["primary"]
+            decision = register_candidate(f"elf-{args.dataset}", run_id, "model", primary["metric"],
+                                          primary["value"], primary["higher_is_better"])
+            print(f"registry: {decision['model']} v{decision['version']} is candidate; {decision['reason']}"
+                  f"{' → champion' if decision['champion_moved'] else ''}")
+    primary = report["primary"]
+    print(f"evaluate {args.dataset}: {primary['metric']} = {primary['value']} ({primary['sampler']})")
+
+
 def _config(args, config_path: str) -> None:
     import yaml
 
@@ -167,6 +239,26 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--stop-after", type=int, default=None, metavar="N",
                        help="stop after N more steps (checkpointed; the next run resumes)")
     stage.set_defaults(run=_train)
+
+    stage = commands.add_parser("sample", help="sample with every configured sampler → samples/<dataset>.jsonl; "
+                                "or print a few samples of a model (--model DIR)")
+    stage.add_argument("dataset", nargs="?")
+    stage.add_argument("--model", help="a trained model directory (e.g. models/owt/model): print samples")
+    stage.add_argument("--steps", type=int, default=32)
+    stage.add_argument("--kind", default="sde", help="ode | sde")
+    stage.add_argument("--gamma", type=float, default=1.5)
+    stage.add_argument("--guidance", type=float, default=3.0, help="SC-CFG scale w")
+    stage.add_argument("--cfg-scale", type=float, default=1.0, help="input-CFG scale ω (conditional models)")
+    stage.add_argument("--source", help="source text for a conditional model")
+    stage.add_argument("-n", "--num", type=int, default=4, help="number of samples")
+    stage.add_argument("--seed", type=int, default=0)
+    stage.add_argument("--encoder", default=str(ENCODER_DIR))
+    stage.add_argument("--tokenizer", default=str(TOKENIZER_DIR))
+    stage.set_defaults(run=_sample)
+
+    stage = commands.add_parser("evaluate", help="score samples → metrics/<dataset>/eval.json, MLflow, registry")
+    stage.add_argument("dataset")
+    stage.set_defaults(run=_evaluate)
 
     stage = commands.add_parser("config", help="check, show or switch the configuration (presets)")
     actions = stage.add_subparsers(dest="action", required=True)

@@ -266,6 +266,50 @@ class TrainConfig(_Strict):
             raise ElfError(_format_error(f"params.yaml: train (for dataset {name})", error)) from None
 
 
+class SampleConfig(_Strict):
+    """Sampling for evaluation (elf-method §7): every sampler listed for a dataset is run and evaluated."""
+
+    num_samples: int = Field(gt=0)  # lm: samples per sampler and seed; seq2seq: test rows (at most)
+    batch_size: int = Field(gt=0)
+    seeds: list[int] = Field(min_length=1)  # evaluation seeds: metrics are reported as mean ± SE over them
+    samplers: dict[str, list[dict[str, Any]]]
+
+    @model_validator(mode="after")
+    def _check(self) -> SampleConfig:
+        from elf.sample import SamplerConfig
+
+        for dataset, specs in self.samplers.items():
+            names = []
+            for i, spec in enumerate(specs):
+                where = f"samplers.{dataset}[{i}]"
+                if "name" not in spec:
+                    raise ValueError(f"{where}: every sampler needs a name")
+                names.append(spec["name"])
+                try:
+                    SamplerConfig.from_dict({k: v for k, v in spec.items() if k != "name"})
+                except ElfError as error:
+                    raise ValueError(f"{where}: {error}") from None
+            if len(set(names)) != len(names):
+                raise ValueError(f"samplers.{dataset}: sampler names must be unique (got {names})")
+        return self
+
+    def sampler_configs(self, dataset: str):
+        from elf.sample import SamplerConfig
+
+        return {spec["name"]: SamplerConfig.from_dict({k: v for k, v in spec.items() if k != "name"})
+                for spec in self.samplers[dataset]}
+
+
+class EvaluateConfig(_Strict):
+    """Metrics (elf-method §9) and the model registry."""
+
+    judge: str | None = None  # causal LM for Gen PPL by hub name or path (paper: gpt2-large); None = skip
+    judge_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    judge_batch_size: int = Field(default=8, gt=0)
+    primary_metric: dict[str, str] = Field(default_factory=dict)  # per dataset; default: PPL (lm) or bleu
+    register_model: bool = True  # register the model as elf-<dataset> (alias candidate; champion if it is better)
+
+
 class Config(_Strict):
     seed: int
     datasets: dict[str, DatasetConfig]
@@ -274,6 +318,8 @@ class Config(_Strict):
     encoder: EncoderConfig
     embed: EmbedConfig
     train: TrainConfig
+    sample: SampleConfig
+    evaluate: EvaluateConfig
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -288,6 +334,9 @@ class Config(_Strict):
         unknown = set(self.train.datasets) - set(self.datasets)
         if unknown:
             raise ValueError(f"train.datasets names unknown datasets {sorted(unknown)}")
+        unknown = set(self.sample.samplers) ^ set(self.datasets)
+        if unknown:
+            raise ValueError(f"sample.samplers must list every dataset exactly once (check: {sorted(unknown)})")
         for name in self.datasets:  # every dataset's merged training settings must be valid at load
             self.train.for_dataset(name)
         return self

@@ -61,3 +61,49 @@ def mlflow_run(experiment: str, run_name: str, params: Mapping[str, Any] | None 
         commit = git_commit()
         mlflow.set_tags({**({"git_commit": commit} if commit else {}), **(tags or {})})
         yield run
+
+
+def register_candidate(name: str, run_id: str, artifact_path: str, metric: str, value: float | None,
+                       higher_is_better: bool) -> dict[str, Any]:
+    """Register the run's model as a new version of `name` with alias `candidate`; move `champion` to it only
+    when it beats the current champion's `metric` (a tie keeps the champion; no champion yet → it becomes one).
+
+    The comparison is returned and recorded as tags on the version and the run.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri())
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="ELF models; aliases: candidate (newest), champion (best)")
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(name, source, run_id=run_id)
+    client.set_registered_model_alias(name, "candidate", version.version)
+    if value is not None:
+        client.set_model_version_tag(name, version.version, metric, str(value))
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+        champion_value = champion.tags.get(metric)
+        champion_value = float(champion_value) if champion_value is not None else None
+    except MlflowException:
+        champion, champion_value = None, None
+    if value is None:
+        moved, reason = False, f"candidate has no {metric}"
+    elif champion is None:
+        moved, reason = True, "no champion yet"
+    elif champion_value is None:
+        moved, reason = True, f"champion v{champion.version} has no {metric}"
+    elif (value > champion_value) if higher_is_better else (value < champion_value):
+        moved, reason = True, f"{metric} {value:.4g} beats champion v{champion.version} ({champion_value:.4g})"
+    else:
+        moved, reason = False, f"{metric} {value:.4g} does not beat champion v{champion.version} ({champion_value:.4g})"
+    if moved:
+        client.set_registered_model_alias(name, "champion", version.version)
+    comparison = {"model": name, "version": int(version.version), "metric": metric, "value": value,
+                  "champion_before": None if champion is None else int(champion.version),
+                  "champion_value_before": champion_value, "champion_moved": moved, "reason": reason}
+    client.set_model_version_tag(name, version.version, "champion_decision", reason)
+    client.set_tag(run_id, "registry_decision", f"{name} v{version.version}: {reason}")
+    return comparison

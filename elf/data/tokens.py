@@ -66,7 +66,7 @@ def _strings(batch: pa.RecordBatch, column: str, path: Path, first_row: int) -> 
         raise
 
 
-def _is_blank(text: str | None) -> bool:
+def is_blank(text: str | None) -> bool:
     return text is None or not text.strip()
 
 
@@ -160,7 +160,7 @@ def tokenize_split(
         row = 0
         for batch in iter_parquet_batches(raw_path, columns, settings.batch_size):
             values = [_strings(batch, c, raw_path, row) for c in columns]
-            keep = [i for i in range(batch.num_rows) if not any(_is_blank(v[i]) for v in values)]
+            keep = [i for i in range(batch.num_rows) if not any(is_blank(v[i]) for v in values)]
             stats["documents"] += batch.num_rows
             stats["skipped_empty"] += batch.num_rows - len(keep)
             row += batch.num_rows

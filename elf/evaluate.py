@@ -1,0 +1,215 @@
+"""The evaluate stage: `samples/<dataset>.jsonl` → `metrics/<dataset>/eval.json`, plots, MLflow, registry.
+
+Metrics follow elf-method §9 (see elf/metrics.py for each protocol):
+- lm: oracle perplexity under the demo grammar when `data/raw/<ds>/grammar.json` exists (the demo), Gen PPL
+  when a judge LM is configured, and unigram entropy (of the judge's token ids, or of our tokenizer's ids
+  without a judge). The same figures for held-out real text are reported as the reference.
+- seq2seq: BLEU (lowercased, effective order — the paper's setting — and standard cased) and ROUGE-1/2/L.
+Each figure is computed per evaluation seed and reported as mean ± standard error over seeds.
+
+The primary metric of a dataset (its first sampler's oracle/Gen PPL, BLEU or ROUGE-L) decides whether the
+model becomes the registry's `champion` (elf/tracking.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from elf import metrics
+from elf.config import DatasetConfig, EvaluateConfig
+from elf.data.demo import Grammar
+from elf.data.shards import iter_parquet_batches, write_json_atomic
+from elf.data.tokens import is_blank
+from elf.errors import ElfError
+
+GRAMMAR_FILE = "grammar.json"
+
+
+def read_samples(path: Path, dataset: str) -> list[dict[str, Any]]:
+    """Rows of a samples file; an empty or foreign file is an error naming it."""
+    if not path.is_file():
+        raise ElfError(f"{path}: samples file not found (run `elf sample {dataset}` first)")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ElfError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+            if row.get("dataset") != dataset:
+                raise ElfError(f"{path}:{number}: sample of dataset '{row.get('dataset')}', not '{dataset}'")
+            rows.append(row)
+    if not rows:
+        raise ElfError(f"{path}: no samples")
+    return rows
+
+
+class Scorer:
+    """Per-seed metrics of one dataset's texts, with the judge / grammar / tokenizer loaded once."""
+
+    def __init__(self, dataset: DatasetConfig, settings: EvaluateConfig, raw_dir: Path, tokenizer, device: str):
+        self.task = dataset.task
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.device = device
+        grammar_path = raw_dir / GRAMMAR_FILE
+        self.grammar = (Grammar.from_dict(json.loads(grammar_path.read_text(encoding="utf-8")))
+                        if grammar_path.is_file() else None)
+        self.judge = (metrics.load_judge(settings.judge, device, settings.judge_dtype)
+                      if settings.judge and dataset.task == "lm" else None)
+
+    def score(self, texts: list[str], references: list[str] | None = None) -> dict[str, float | None]:
+        if self.task == "seq2seq":
+            return {**metrics.bleu(texts, references), **metrics.rouge(texts, references)}
+        out: dict[str, float | None] = {}
+        if self.grammar is not None:
+            oracle = metrics.oracle_ppl(texts, self.grammar)
+            out.update(oracle_ppl=oracle["ppl"], oracle_ppl_finite_only=oracle["ppl_finite_only"],
+                       oracle_finite_fraction=oracle["finite_fraction"])
+        if self.judge is not None:
+            judged = metrics.gen_ppl(texts, *self.judge, batch_size=self.settings.judge_batch_size, device=self.device)
+            out.update(gen_ppl=judged["ppl"], entropy=judged["entropy"])
+        else:
+            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts if t.strip()]
+            out["entropy"] = metrics.mean_entropy(ids)
+        out["empty_fraction"] = sum(not t.strip() for t in texts) / max(len(texts), 1)
+        return out
+
+
+def _aggregate(per_seed: list[dict[str, float | None]]) -> dict[str, Any]:
+    """mean and standard error over seeds, per metric; a metric missing (None) for any seed stays None."""
+    summary: dict[str, Any] = {}
+    for key in per_seed[0]:
+        values = [s.get(key) for s in per_seed]
+        if any(v is None or not math.isfinite(v) for v in values):
+            summary[key], summary[f"{key}_se"] = None, None
+            continue
+        mean, se = metrics.mean_se(values)
+        summary[key], summary[f"{key}_se"] = mean, se
+    return summary
+
+
+def primary_metric(task: str, configured: str | None, has_grammar: bool, has_judge: bool) -> tuple[str, bool]:
+    """(metric, higher_is_better) that decides the registry's champion; perplexities are lower-is-better."""
+    if configured is None:
+        if task == "seq2seq":
+            configured = "bleu"
+        elif has_judge:
+            configured = "gen_ppl"
+        else:
+            configured = "oracle_ppl_finite_only" if has_grammar else "entropy"
+    return configured, "ppl" not in configured
+
+
+def reference_texts(raw_dir: Path, limit: int) -> list[str]:
+    """Held-out real text (validation split) for the reference figures of an lm dataset."""
+    path = raw_dir / "validation.parquet"
+    texts: list[str] = []
+    for batch in iter_parquet_batches(path, ["text"], 4096):
+        texts += [t for t in batch.column("text").to_pylist() if not is_blank(t)]
+        if len(texts) >= limit:
+            break
+    return texts[:limit]
+
+
+def evaluate_dataset(name: str, dataset: DatasetConfig, settings: EvaluateConfig, samples_path: Path, raw_dir: Path,
+                     tokenizer, metrics_dir: Path, device: str = "cpu") -> dict[str, Any]:
+    """Score every sampler × seed, aggregate, write eval.json and the plots; returns the report."""
+    rows = read_samples(samples_path, name)
+    scorer = Scorer(dataset, settings, raw_dir, tokenizer, device)
+    groups: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        groups[row["sampler"]][row["seed"]].append(row)
+    report: dict[str, Any] = {"dataset": name, "task": dataset.task, "samplers": {}}
+    for sampler, by_seed in groups.items():
+        per_seed = []
+        for seed_rows in by_seed.values():
+            seed_rows.sort(key=lambda r: r["index"])
+            texts = [r["text"] for r in seed_rows]
+            refs = [r["reference"] for r in seed_rows] if dataset.task == "seq2seq" else None
+            per_seed.append(scorer.score(texts, refs))
+        first = next(iter(by_seed.values()))[0]
+        report["samplers"][sampler] = {
+            "settings": first["settings"], "nfe": first["nfe"], "seeds": sorted(by_seed),
+            "samples_per_seed": len(next(iter(by_seed.values()))),
+            "samples_per_s": 1.0 / max(first["seconds_per_sample"], 1e-9),
+            **_aggregate(per_seed),
+        }
+    if dataset.task == "lm":
+        held_out = reference_texts(raw_dir, len(next(iter(next(iter(groups.values())).values()))))
+        report["reference"] = {"held_out_texts": len(held_out), **scorer.score(held_out)}
+    metric, higher = primary_metric(dataset.task, settings.primary_metric.get(name), scorer.grammar is not None,
+                                    scorer.judge is not None)
+    first_sampler = next(iter(groups))
+    report["primary"] = {"metric": metric, "sampler": first_sampler, "higher_is_better": higher,
+                         "value": report["samplers"][first_sampler].get(metric)}
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(metrics_dir / "eval.json", report)
+    plot_report(report, metrics_dir / "eval_quality.png")
+    return report
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    """lm: quality (PPL) against entropy across samplers, and quality against steps; seq2seq: scores by sampler."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samplers = report["samplers"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    if report["task"] == "lm":
+        key = "gen_ppl" if any(s.get("gen_ppl") for s in samplers.values()) else "oracle_ppl_finite_only"
+        for name, s in samplers.items():
+            if s.get(key) is not None and s.get("entropy") is not None:
+                axes[0].scatter(s["entropy"], s[key], label=name)
+        ref = report.get("reference", {})
+        if ref.get(key) is not None and ref.get("entropy") is not None:
+            axes[0].scatter(ref["entropy"], ref[key], marker="*", s=150, c="k", label="held-out text")
+        axes[0].set(xlabel="entropy (nats)", ylabel=key, title="quality vs diversity")
+        axes[0].legend(fontsize=7)
+        by_kind: dict[str, list] = defaultdict(list)
+        for s in samplers.values():
+            if s.get(key) is not None:
+                by_kind[s["settings"]["kind"]].append((s["settings"]["steps"], s[key]))
+        for kind, points in by_kind.items():
+            points.sort()
+            axes[1].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=kind)
+        axes[1].set(xscale="log", xlabel="steps", ylabel=key, title="quality vs steps")
+        axes[1].legend()
+    else:
+        names = list(samplers)
+        for i, key in enumerate(("bleu", "rougeL")):
+            axes[i].bar(names, [samplers[n].get(key) or 0 for n in names])
+            axes[i].set(title=key, ylim=(0, 100))
+    fig.suptitle(f"ELF evaluation: {report['dataset']}")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def log_report(report: dict[str, Any], run_id: str, samples_path: Path, plot_path: Path) -> None:
+    """Evaluation metrics on the training's MLflow run: `eval/<sampler>/<metric>` (None values are skipped)."""
+    import mlflow
+
+    values = {}
+    for sampler, figures in report["samplers"].items():
+        for key, value in figures.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                values[f"eval/{sampler}/{key}"] = float(value)
+    for key, value in report.get("reference", {}).items():
+        if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
+            values[f"eval/reference/{key}"] = float(value)
+    mlflow.log_metrics(values)
+    mlflow.log_artifact(str(samples_path), artifact_path="samples")
+    mlflow.log_artifact(str(plot_path))

@@ -1,0 +1,127 @@
+"""The sample stage: a trained model + the samplers of `params.yaml` → `samples/<dataset>.jsonl`.
+
+One JSON row per sample: dataset, sampler name and settings, evaluation seed, index, generated text, the
+number of network evaluations and the wall time per sample; for seq2seq also the source and the
+reference. Evaluation (`elf/evaluate.py`) reads only this file, so sampling and scoring stay decoupled.
+
+Conditional rows use the training layout (elf-method §2): [source ; target region] of `max_length`
+positions, the clean source kept in place; the text is what the model writes after the source, cut at the
+first EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from elf.config import DatasetConfig, SampleConfig
+from elf.data.layout import stack_seq2seq
+from elf.data.shards import iter_column, iter_parquet_batches, read_json
+from elf.data.tokenizer import load_tokenizer, tokenizer_hash
+from elf.data.tokens import is_blank
+from elf.encoders import FrozenEncoder, load_encoder
+from elf.errors import ElfError
+from elf.model import load_model
+from elf.sample import SamplerConfig, generate, ids_to_texts, source_starts
+
+
+def load_trained(model_dir: Path, dataset: str, encoder_dir: Path, tokenizer_dir: Path, device: torch.device):
+    """The EMA model, its encoder and tokenizer, checked to belong together and to `dataset`."""
+    model, meta = load_model(model_dir, device)
+    if meta.get("dataset") != dataset:
+        raise ElfError(f"{model_dir}: model was trained on dataset '{meta.get('dataset')}', not '{dataset}'")
+    tok_hash = tokenizer_hash(tokenizer_dir)
+    encoder = load_encoder(encoder_dir, expected_tokenizer_hash=tok_hash).to(device)
+    encoder_hash = read_json(encoder_dir / "encoder.json", "encoder record")["content_hash"]
+    if meta.get("encoder_content_hash") != encoder_hash:
+        raise ElfError(f"{model_dir}: model was trained with another encoder than {encoder_dir}")
+    if meta.get("tokenizer_hash") != tok_hash:
+        raise ElfError(f"{model_dir}: model was trained with another tokenizer than {tokenizer_dir}")
+    return model, meta, encoder, load_tokenizer(tokenizer_dir)
+
+
+def conditional_inputs(tokens_dir: Path, raw_path: Path, limit: int) -> tuple[list, list, list[str], list[str]]:
+    """The first `limit` (source ids, target ids, source text, reference text) of a seq2seq split.
+
+    References are the raw targets (not the truncated token ids); raw rows the tokenize stage skipped as
+    blank are skipped here by the same rule, so the two stay aligned.
+    """
+    sources = list(_take(iter_column(tokens_dir, "source_ids"), limit))
+    targets = list(_take(iter_column(tokens_dir, "target_ids"), limit))
+    texts: list[tuple[str, str]] = []
+    for batch in iter_parquet_batches(raw_path, ["source", "target"], 4096):
+        for source, target in zip(batch.column("source").to_pylist(), batch.column("target").to_pylist(),
+                                  strict=True):
+            if not (is_blank(source) or is_blank(target)):
+                texts.append((source, target))
+        if len(texts) >= len(sources):
+            break
+    if len(texts) < len(sources):
+        raise ElfError(f"{raw_path}: fewer rows than {tokens_dir}; rerun the tokenize stage")
+    texts = texts[: len(sources)]
+    return sources, targets, [s for s, _ in texts], [t for _, t in texts]
+
+
+def _take(rows: Iterator, limit: int) -> Iterator:
+    for i, row in enumerate(rows):
+        if i >= limit:
+            return
+        yield row
+
+
+@torch.no_grad()
+def encode_sources(encoder: FrozenEncoder, sources: list, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean source embeddings in place (source attends only to source, elf-method §2), zeros elsewhere."""
+    input_ids, source_mask, valid_mask = stack_seq2seq(sources, [[] for _ in sources], length)
+    drop = torch.zeros(len(sources), dtype=torch.bool)
+    x = encoder.encode_conditional(input_ids, source_mask, valid_mask, drop).cpu()
+    return x * source_mask[..., None], source_mask
+
+
+def sample_dataset(name: str, dataset: DatasetConfig, settings: SampleConfig, model_dir: Path, encoder_dir: Path,
+                   tokenizer_dir: Path, tokens_dir: Path, raw_dir: Path, out_path: Path,
+                   device: torch.device | None = None) -> int:
+    """Run every sampler of `settings` for every evaluation seed; write the rows atomically; return their count."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _, encoder, tokenizer = load_trained(model_dir, name, encoder_dir, tokenizer_dir, device)
+    samplers: dict[str, SamplerConfig] = settings.sampler_configs(name)
+    rows: list[dict[str, Any]] = []
+    if dataset.task == "seq2seq":
+        split = "test" if (tokens_dir / "test").is_dir() else "validation"
+        sources, _, source_texts, references = conditional_inputs(
+            tokens_dir / split, raw_dir / f"{split}.parquet", settings.num_samples)
+        x_src, source_mask = encode_sources(encoder, sources, dataset.max_length)
+    for sampler_name, cfg in samplers.items():
+        for seed in settings.seeds:
+            if dataset.task == "lm":
+                out = generate(model, encoder.dim, dataset.max_length, settings.batch_size, cfg, seed, device,
+                               num_samples=settings.num_samples)
+                texts = ids_to_texts(out.ids, tokenizer)
+                extra: list[dict[str, str]] = [{} for _ in texts]
+            else:
+                out = generate(model, encoder.dim, dataset.max_length, settings.batch_size, cfg, seed, device,
+                               source=x_src, source_mask=source_mask)
+                texts = ids_to_texts(out.ids, tokenizer, start=source_starts(source_mask))
+                extra = [{"source": s, "reference": r} for s, r in zip(source_texts, references, strict=True)]
+            per_sample = out.seconds / max(len(texts), 1)
+            for index, (text, more) in enumerate(zip(texts, extra, strict=True)):
+                rows.append({"dataset": name, "sampler": sampler_name, "settings": cfg.to_dict(), "seed": seed,
+                             "index": index, "text": text, **more, "nfe": out.nfe,
+                             "seconds_per_sample": round(per_sample, 6)})
+            print(f"sample {name}/{sampler_name} seed {seed}: {len(texts)} samples, {out.nfe} network evaluations "
+                  f"each, {len(texts) / out.seconds:.1f} samples/s")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(rows)
