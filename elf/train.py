@@ -147,11 +147,13 @@ class Trainer:
         self.scheduler = warmup_constant_schedule(self.optimizer, settings.warmup_steps)
         self.ema = EMA(self.model, settings.ema_decay)
         self.objective = ObjectiveConfig(**settings.objective.model_dump())
+        # The global stream, sliced per process (see elf/data/loader.py): world-size-invariant batches.
         self.loader = TrainLoader(
-            tokens_dir=paths.tokens, embeddings_dir=paths.embeddings, encoder=self.encoder,
-            batch_size=self.local_batch, seed=seed, shuffle_window=settings.shuffle_window,
+            paths.tokens, paths.embeddings, self.encoder, batch_size=settings.batch_size, seed=seed,
+            shuffle_window=settings.shuffle_window,
             condition_dropout=settings.objective.condition_dropout if dataset.task == "seq2seq" else 0.0,
-            rank=d.rank, world_size=d.world, device=d.device,
+            device=d.device, rows=(d.rank * self.local_batch, (d.rank + 1) * self.local_batch),
+            encoder_hash=read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"],
         )
         self.fingerprint = run_fingerprint(dataset, settings, seed, paths)
         self.step = 0
@@ -251,9 +253,6 @@ class Trainer:
             raise ElfError(f"{directory / 'trainer.json'}: checkpoint was written with other data, encoder or "
                            f"train settings (only {', '.join(RESUMABLE_CHANGES)} may change when resuming); "
                            f"delete {self.paths.checkpoints} to train from scratch")
-        if state["world_size"] != self.d.world:
-            raise ElfError(f"{directory / 'trainer.json'}: written by {state['world_size']} processes, resuming "
-                           f"with {self.d.world}; the loader state is per process, so resume with the same number")
         try:
             self.model.load_state_dict(ckpt.load_tensors(directory / "model.safetensors"))
             self.ema.load_state_dict({**state["ema"], "shadow": ckpt.load_tensors(directory / "ema.safetensors")})
@@ -262,9 +261,13 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as error:
             raise ElfError(f"{directory}: checkpoint does not fit this model/optimiser "
                            f"({str(error).splitlines()[0]}); did params.yaml change?") from None
-        rank_state = read_json(directory / f"rank-{self.d.rank}.json", "rank state")
+        # The loader state is global (every process follows the same stream), so any rank's copy will do and
+        # the number of processes may change between runs; RNG states are restored where the rank existed.
+        rank_file = directory / f"rank-{self.d.rank}.json"
+        rank_state = read_json(rank_file if rank_file.exists() else directory / "rank-0.json", "rank state")
         self.loader.load_state_dict(rank_state["loader"])
-        ckpt.set_rng_state(ckpt.load_tensors(directory / f"rank-{self.d.rank}-rng.safetensors"))
+        if (directory / f"rank-{self.d.rank}-rng.safetensors").exists():
+            ckpt.set_rng_state(ckpt.load_tensors(directory / f"rank-{self.d.rank}-rng.safetensors"))
         self.step = state["step"]
         self.history = state["history"]
         self.mlflow_run_id = state["mlflow_run_id"]

@@ -1,0 +1,188 @@
+"""The train stage: exact resume after a kill, DDP ≡ one process, checkpoint integrity, outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from elf.config import DatasetConfig, TokenizeConfig, TrainSettings
+from elf.data.embed import embed_dataset
+from elf.data.prepare import prepare_dataset
+from elf.data.tokenizer import build_tokenizer, training_texts
+from elf.data.tokens import tokenize_dataset
+from elf.encoders import gaussian_encoder, save_encoder
+from elf.errors import ElfError
+from elf.model import load_model
+from elf.train import TrainPaths, train
+
+DATASETS = {
+    "owt": DatasetConfig(task="lm", source="demo", max_length=24,
+                         demo={"generator": "lm", "train_size": 120, "validation_size": 10, "max_sentences": 2}),
+    "wmt14": DatasetConfig(task="seq2seq", source="demo", max_length=48, max_input_length=30,
+                           demo={"generator": "translation", "train_size": 120, "validation_size": 10}),
+}
+SETTINGS = dict(preset="tiny", model={"depth": 1, "hidden": 32, "heads": 2}, steps=6, batch_size=8,
+                checkpoint_every=2, log_every=1, warmup_steps=2, lr=0.003, shuffle_window=2, ema_decay=0.9)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Demo data, tokenizer, a Gaussian encoder and the embedding cache, built with the library."""
+    root = tmp_path_factory.mktemp("train-data")
+    for name, dataset in DATASETS.items():
+        prepare_dataset(name, dataset, 42, root / "raw" / name)
+    raw = {n: (root / "raw" / n / "train.parquet", d.columns) for n, d in DATASETS.items()}
+    digest = build_tokenizer("train", "", 300, training_texts(raw, 1000), root / "tokenizer")
+    for name, dataset in DATASETS.items():
+        tokenize_dataset(name, dataset, TokenizeConfig(shard_rows=50, batch_size=20), root / "raw" / name,
+                         root / "tokenizer", root / "tokens" / name)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(root / "tokenizer"))
+    save_encoder(gaussian_encoder(vocab, 16, seed=0), root / "encoder", digest)
+    for name in DATASETS:
+        embed_dataset(root / "tokens" / name, root / "encoder", root / "embeddings" / name, cache=True, batch_size=16)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+
+
+def paths(data: Path, out: Path, name: str = "owt", cached: bool = True) -> TrainPaths:
+    return TrainPaths(tokens=data / "tokens" / name / "train",
+                      embeddings=data / "embeddings" / name / "train" if cached else None,
+                      encoder=data / "encoder", out=out / "models" / name, metrics=out / "metrics" / name)
+
+
+def final_weights(p: TrainPaths) -> dict[str, torch.Tensor]:
+    checkpoints = sorted((p.out / "checkpoints").iterdir())
+    return load_file(str(checkpoints[-1] / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0.0:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0)
+
+
+def test_train_writes_model_metrics_and_plot(data, tmp_path):
+    p = paths(data, tmp_path)
+    summary = train("owt", DATASETS["owt"], TrainSettings(**SETTINGS), 42, p)
+    model, meta = load_model(p.model)
+    assert meta["dataset"] == "owt" and meta["step"] == 6 and meta["mlflow_run_id"]
+    assert json.loads((p.metrics / "train.json").read_text())["steps"] == 6
+    assert (p.metrics / "train_loss.png").stat().st_size > 0
+    assert sorted(c.name for c in (p.out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    assert summary["loss"] > 0 and model.cfg.depth == 1
+
+    import mlflow
+
+    run = mlflow.MlflowClient().get_run(meta["mlflow_run_id"])
+    assert run.data.params["train.batch_size"] == "8"
+    assert {"loss", "mse", "ce", "lr", "grad_norm", "tokens_per_s"} <= set(run.data.metrics)
+    assert run.data.tags["dataset"] == "owt" and run.data.tags["encoder_content_hash"]
+
+
+TRAIN_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_train import DATASETS, SETTINGS, paths
+from elf.config import TrainSettings
+from elf.train import train
+settings = TrainSettings(**{{**SETTINGS, **{overrides!r}}})
+train({name!r}, DATASETS[{name!r}], settings, 42, paths(Path({data!r}), Path({out!r}), {name!r}, {cached!r}))
+"""
+
+
+def run_train(data, out, name="owt", cached=True, overrides=None, env=None, background=False):
+    code = TRAIN_SCRIPT.format(tests=str(Path(__file__).parent), overrides=overrides or {}, name=name,
+                               data=str(data), out=str(out), cached=cached)
+    full_env = {**os.environ, **(env or {})}
+    if background:
+        return subprocess.Popen([sys.executable, "-c", code], env=full_env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    result = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("name, cached", [("owt", True), ("wmt14", False)])
+def test_resume_after_kill_continues_with_identical_weights(data, tmp_path, name, cached):
+    straight = paths(data, tmp_path / "straight", name, cached)
+    train(name, DATASETS[name], TrainSettings(**{**SETTINGS, "steps": 8}), 42, straight)
+
+    killed = paths(data, tmp_path / "killed", name, cached)
+    process = run_train(data, tmp_path / "killed", name, cached, overrides={"steps": 8}, background=True)
+    deadline = time.time() + 120
+    while not (killed.out / "checkpoints" / "step-000002" / "checkpoint.json").exists():
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not killed.model.exists()
+    train(name, DATASETS[name], TrainSettings(**{**SETTINGS, "steps": 8}), 42, killed)
+    assert_same_weights(final_weights(straight), final_weights(killed))
+    straight_model, _ = load_model(straight.model)
+    killed_model, _ = load_model(killed.model)
+    assert_same_weights(straight_model.state_dict(), killed_model.state_dict())
+
+
+# AdamW: the same update up to float summation order. Muon: its Newton–Schulz iteration runs in bf16 (torch's
+# implementation), so a last-bit difference in the all-reduced gradient can round differently: looser bound.
+@pytest.mark.parametrize("optimizer, atol", [("adamw", 1e-5), ("muon", 1e-3)])
+def test_two_gloo_processes_match_one_process(data, tmp_path, optimizer, atol):
+    overrides = {"steps": 4, "optimizer": optimizer}
+    one = paths(data, tmp_path / "one")
+    train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, **overrides}), 42, one)
+    two = paths(data, tmp_path / "two")
+    code = TRAIN_SCRIPT.format(tests=str(Path(__file__).parent), overrides=overrides, name="owt",
+                               data=str(data), out=str(tmp_path / "two"), cached=True)
+    script = tmp_path / "ddp_train.py"
+    script.write_text(code)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(final_weights(one), final_weights(two), atol=atol)
+
+
+def test_micro_batches_match_full_batch(data, tmp_path):
+    full = paths(data, tmp_path / "full")
+    train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 3}), 42, full)
+    micro = paths(data, tmp_path / "micro")
+    train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 3, "micro_batch_size": 2}), 42, micro)
+    assert_same_weights(final_weights(full), final_weights(micro), atol=1e-3)
+
+
+def test_corrupt_checkpoint_is_an_error_naming_the_file(data, tmp_path):
+    p = paths(data, tmp_path)
+    train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 4}), 42, p)
+    weights = p.out / "checkpoints" / "step-000004" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-10] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ElfError, match="step-000004/model.safetensors: corrupt checkpoint file"):
+        train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 6}), 42, p)
+
+
+def test_changed_settings_refuse_to_resume(data, tmp_path):
+    p = paths(data, tmp_path)
+    train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 2}), 42, p)
+    with pytest.raises(ElfError, match="checkpoint was written with other data, encoder or train settings"):
+        train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 4, "lr": 0.01}), 42, p)
+    summary = train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 4}), 42, p)  # steps may grow
+    assert summary["steps"] == 4
