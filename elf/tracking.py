@@ -21,6 +21,29 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when an http(s) tracking server does not answer.
+
+    MLflow's own client retries an unreachable server with backoff for minutes before giving up, which
+    looks like a hang to whoever is waiting on a stage; one short probe first turns that into a one-line
+    error naming the URL. Any HTTP answer counts as reachable (MLflow reports real API errors itself);
+    other stores (sqlite, databricks, ...) are not probed.
+    """
+    import urllib.error
+    import urllib.request
+
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise ElfError(f"MLflow tracking server {uri} is not reachable ({reason}); start it or set "
+                       "MLFLOW_TRACKING_URI to a reachable server (unset: sqlite:///mlruns.db)") from None
+
+
 def git_commit() -> str | None:
     """The commit the code ran at (None outside a git checkout)."""
     try:
@@ -49,6 +72,7 @@ def mlflow_run(experiment: str, run_name: str, params: Mapping[str, Any] | None 
     import mlflow
 
     uri = tracking_uri()
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     try:
         if run_id is None:
@@ -73,6 +97,7 @@ def register_candidate(name: str, run_id: str, artifact_path: str, metric: str, 
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    check_reachable(tracking_uri())
     client = mlflow.MlflowClient(tracking_uri())
     try:
         client.get_registered_model(name)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -250,9 +251,16 @@ class Trainer:
         ckpt.verify(directory)
         state = ckpt.read_trainer_state(directory)
         if state.get("fingerprint") != self.fingerprint:
-            raise ElfError(f"{directory / 'trainer.json'}: checkpoint was written with other data, encoder or "
-                           f"train settings (only {', '.join(RESUMABLE_CHANGES)} may change when resuming); "
-                           f"delete {self.paths.checkpoints} to train from scratch")
+            # Not corruption: the inputs or settings changed (e.g. `dvc repro` after a params edit), so these
+            # checkpoints belong to another run. Say so, and start that run from scratch.
+            _barrier(self.d)
+            if self.d.main:
+                print(f"train {self.name}: {self.paths.checkpoints} holds checkpoints of other data, encoder or "
+                      f"settings (only {', '.join(RESUMABLE_CHANGES)} may change and still resume): "
+                      "removing them and training from scratch", file=sys.stderr)
+                shutil.rmtree(self.paths.checkpoints)
+            _barrier(self.d)
+            return False
         try:
             self.model.load_state_dict(ckpt.load_tensors(directory / "model.safetensors"))
             self.ema.load_state_dict({**state["ema"], "shadow": ckpt.load_tensors(directory / "ema.safetensors")})

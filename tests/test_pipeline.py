@@ -1,5 +1,6 @@
 """`dvc repro` of the real dvc.yaml in a temporary git repository, on a tiny demo configuration."""
 
+import json
 import shutil
 import subprocess
 
@@ -22,6 +23,15 @@ def tiny_params() -> dict:
     datasets["xsum"]["demo"].update(train_size=100, validation_size=10, test_size=10)
     params["tokenizer"]["vocab_size"] = 400
     params["encoder"]["scratch"].update(d_model=32, num_layers=1, num_heads=2, d_ff=64, steps=10, batch_size=8)
+    params["train"]["defaults"].update(steps=4, batch_size=8, checkpoint_every=2, log_every=1,
+                                       model={"depth": 1, "hidden": 32, "heads": 2, "bottleneck": 16})
+    params["sample"].update(num_samples=4, batch_size=4, seeds=[0, 1])
+    params["sample"]["samplers"] = {
+        "owt": [{"name": "sde-4", "kind": "sde", "steps": 4, "gamma": 1.5, "guidance": 3.0},
+                {"name": "ode-2", "kind": "ode", "steps": 2, "guidance": 3.0}],
+        "wmt14": [{"name": "ode-4", "kind": "ode", "steps": 4, "guidance": 1.0, "cfg_scale": 2.0}],
+        "xsum": [{"name": "ode-4", "kind": "ode", "steps": 4, "guidance": 1.0, "cfg_scale": 2.0}],
+    }
     return params
 
 
@@ -47,7 +57,7 @@ def project(tmp_path):
     return repo
 
 
-def test_dvc_repro_builds_data_stages_and_second_run_does_nothing(project):
+def test_dvc_repro_runs_every_stage_and_second_run_does_nothing(project):
     run(str(BIN / "dvc"), "repro", cwd=project)
     for name in ("owt", "wmt14", "xsum"):
         assert (project / f"data/raw/{name}/train.parquet").is_file()
@@ -56,16 +66,40 @@ def test_dvc_repro_builds_data_stages_and_second_run_does_nothing(project):
     assert (project / "data/raw/owt/grammar.json").is_file()
     assert (project / "data/tokenizer/tokenizer.json").is_file()
     assert (project / "data/encoder/encoder.json").is_file()
+    reports = {}
+    for name in ("owt", "wmt14", "xsum"):
+        assert (project / f"models/{name}/model/model.safetensors").is_file()
+        assert json.loads((project / f"metrics/{name}/train.json").read_text())["steps"] == 4
+        samples = [json.loads(line) for line in (project / f"samples/{name}.jsonl").read_text().splitlines()]
+        assert {row["seed"] for row in samples} == {0, 1}
+        reports[name] = json.loads((project / f"metrics/{name}/eval.json").read_text())
+        assert (project / f"metrics/{name}/eval_quality.png").stat().st_size > 0
+    assert set(reports["owt"]["samplers"]) == {"sde-4", "ode-2"}
+    assert reports["owt"]["reference"]["oracle_ppl"] > 1 and reports["owt"]["primary"]["metric"] == "oracle_ppl_finite_only"
+    assert {"bleu", "bleu_cased", "rougeL"} <= set(reports["wmt14"]["samplers"]["ode-4"])
+    assert reports["xsum"]["primary"]["metric"] == "rougeL"
+
+    # MLflow: one run per training, with the evaluation on the same run, and the registered models.
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns.db'}")
+    client = mlflow.MlflowClient()
+    for name in ("owt", "wmt14", "xsum"):
+        run_id = (project / f"models/{name}/mlflow_run_id").read_text().strip()
+        metrics = client.get_run(run_id).data.metrics
+        assert "loss" in metrics and any(key.startswith("eval/") for key in metrics)
+        model = client.get_registered_model(f"elf-{name}")
+        assert set(model.aliases) >= {"candidate"}
     lock = (project / "dvc.lock").read_text()
 
     second = run(str(BIN / "dvc"), "repro", cwd=project)
     assert "Data and pipelines are up to date." in second
     assert (project / "dvc.lock").read_text() == lock
 
-    # Changing one dataset's length reruns only that dataset's tokenize stage.
+    # Changing the evaluation seeds reruns sampling and evaluation only, never training.
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["datasets"]["wmt14"]["max_length"] = 60
+    params["sample"]["seeds"] = [0]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run(str(BIN / "dvc"), "repro", cwd=project)
-    assert "Running stage 'tokenize@wmt14'" in third
-    assert "Running stage 'tokenize@owt'" not in third and "Running stage 'tokenizer'" not in third
+    assert "Running stage 'sample@owt'" in third and "Running stage 'evaluate@xsum'" in third
+    assert "Running stage 'train@" not in third and "Running stage 'embed@" not in third

@@ -179,10 +179,14 @@ def test_corrupt_checkpoint_is_an_error_naming_the_file(data, tmp_path):
         train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 6}), 42, p)
 
 
-def test_changed_settings_refuse_to_resume(data, tmp_path):
+def test_changed_settings_start_afresh_but_more_steps_resume(data, tmp_path, capsys):
     p = paths(data, tmp_path)
     train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 2}), 42, p)
-    with pytest.raises(ElfError, match="checkpoint was written with other data, encoder or train settings"):
-        train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 4, "lr": 0.01}), 42, p)
+    first = final_weights(p)
     summary = train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 4}), 42, p)  # steps may grow
-    assert summary["steps"] == 4
+    assert summary["steps"] == 4 and "resuming at step 2" in capsys.readouterr().out
+    train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 2, "lr": 0.01}), 42, p)
+    assert "removing them and training from scratch" in capsys.readouterr().err
+    assert [c.name for c in (p.out / "checkpoints").iterdir()] == ["step-000002"]
+    fresh = final_weights(p)  # step 2 again, now with lr 0.01: not the old step-2 weights
+    assert any(not torch.equal(first[key], fresh[key]) for key in first)

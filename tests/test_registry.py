@@ -1,0 +1,54 @@
+"""Model registry (real MLflow SQLite store): `candidate` follows every evaluation, `champion` only improvements."""
+
+import mlflow
+import pytest
+
+from elf.tracking import mlflow_run, register_candidate
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def logged_run(store, name: str) -> str:
+    model_dir = store / name
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    with mlflow_run("elf-test", name) as run:
+        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    return run.info.run_id
+
+
+def aliases(name: str) -> dict[str, int]:
+    client = mlflow.MlflowClient()
+    model = client.get_registered_model(name)
+    return {alias: int(version) for alias, version in model.aliases.items()}
+
+
+def test_champion_moves_only_on_improvement(store):
+    decisions = []
+    for i, ppl in enumerate([20.0, 25.0, 20.0, 15.0, None]):
+        run_id = logged_run(store, f"run{i}")
+        decisions.append(register_candidate("elf-owt", run_id, "model", "oracle_ppl", ppl, higher_is_better=False))
+        assert aliases("elf-owt")["candidate"] == i + 1
+    assert [d["champion_moved"] for d in decisions] == [True, False, False, True, False]
+    assert decisions[0]["reason"] == "no champion yet"
+    assert "does not beat champion v1" in decisions[2]["reason"]  # a tie keeps the champion
+    assert aliases("elf-owt")["champion"] == 4
+    client = mlflow.MlflowClient()
+    version = client.get_model_version("elf-owt", "4")
+    assert version.tags["oracle_ppl"] == "15.0" and "beats champion v1" in version.tags["champion_decision"]
+    assert int(client.get_model_version_by_alias("elf-owt", "champion").version) == 4
+
+
+def test_higher_is_better_metric(store):
+    first = register_candidate("elf-wmt14", logged_run(store, "a"), "model", "bleu", 30.0, higher_is_better=True)
+    second = register_candidate("elf-wmt14", logged_run(store, "b"), "model", "bleu", 31.5, higher_is_better=True)
+    assert first["champion_moved"] and second["champion_moved"]
+    assert aliases("elf-wmt14") == {"candidate": 2, "champion": 2}
+    client = mlflow.MlflowClient()
+    run = client.get_run(client.get_model_version("elf-wmt14", "2").run_id)
+    assert "bleu 31.5 beats champion v1" in run.data.tags["registry_decision"]
