@@ -28,5 +28,11 @@ def run_elf(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 
 @pytest.fixture
-def repo_root() -> Path:
-    return REPO
+def one_thread():
+    """Small matmuls run far faster on one thread than on two contended ones (the test machines share 2 cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,13 +26,7 @@ from elf.metrics import (
 EOS = "<|endoftext|>"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls run faster on one thread than on two contended ones (the test machines share 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ from elf.model import (
 D, V, L = 32, 50, 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls run far faster on one thread than on two contended ones (the test machines share 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(**overrides) -> ELF:

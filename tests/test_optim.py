@@ -21,13 +21,7 @@ from elf.optim import (
 D, V = 16, 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls run far faster on one thread than on two contended ones (the test machines share 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(seed: int = 0) -> ELF:

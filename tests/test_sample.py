@@ -22,13 +22,7 @@ from elf.sample import (
 S = 2.0  # §2 noise scale
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors run faster on one thread than on two contended ones (the test machines share 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_denoiser(mu: torch.Tensor, sigma: torch.Tensor):
