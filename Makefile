@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: env demo test lint
+.PHONY: env demo test lint orchestrate orchestrate-status orchestrate-stop mlflow-ui
 
 env: $(STAMP)
 
@@ -31,3 +31,18 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check elf flows tests bench
+
+# Prefect on this machine: a server on 127.0.0.1:4200 (or the one PREFECT_API_URL names), the elf-local
+# process pool, the gpu concurrency limit, the deployments in prefect.yaml and a worker. Safe to rerun.
+orchestrate: $(STAMP)
+	$(BIN)/python -m flows.setup local
+
+orchestrate-status: $(STAMP)
+	$(BIN)/python -m flows.setup status
+
+orchestrate-stop: $(STAMP)
+	$(BIN)/python -m flows.setup stop
+
+# The MLflow UI for this project's store on http://127.0.0.1:5000 (one worker).
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5000 --workers 1
