@@ -67,8 +67,12 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 @contextlib.contextmanager
 def mlflow_run(experiment: str, run_name: str, params: Mapping[str, Any] | None = None,
-               tags: Mapping[str, str] | None = None, run_id: str | None = None) -> Iterator[Any]:
-    """Start (or, with `run_id`, reopen) a run; an unreachable tracking server is a one-line error."""
+               tags: Mapping[str, str] | None = None, run_id: str | None = None,
+               system_metrics: bool = False) -> Iterator[Any]:
+    """Start (or, with `run_id`, reopen) a run; an unreachable tracking server is a one-line error.
+
+    `system_metrics` samples CPU / memory / GPU use in the background (MLflow's monitor, needs psutil).
+    """
     import mlflow
 
     uri = tracking_uri()
@@ -79,7 +83,8 @@ def mlflow_run(experiment: str, run_name: str, params: Mapping[str, Any] | None 
             mlflow.set_experiment(experiment)
     except Exception as error:  # MLflow raises several types for an unreachable or broken store
         raise ElfError(f"MLflow tracking store {uri} is not reachable ({str(error).splitlines()[0]})") from None
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                          log_system_metrics=system_metrics) as run:
         if params:
             mlflow.log_params(flatten(params))
         commit = git_commit()

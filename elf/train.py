@@ -242,7 +242,8 @@ class Trainer:
 
     def resume(self) -> bool:
         """Restore the newest checkpoint, if any. A corrupt one is an error, not a fresh start."""
-        ckpt.clean_partial(self.paths.checkpoints) if self.d.main else None
+        if self.d.main:
+            ckpt.clean_partial(self.paths.checkpoints)
         _barrier(self.d)
         found = ckpt.list_checkpoints(self.paths.checkpoints)
         if not found:
@@ -318,7 +319,7 @@ def _mlflow_context(trainer: Trainer, params: dict[str, Any]):
     if paths.embeddings is not None:
         tags["embeddings_manifest_sha256"] = file_sha256(paths.embeddings / "manifest.json")
     return mlflow_run(f"elf-{trainer.name}", f"train-{trainer.name}", params=None if trainer.mlflow_run_id else params,
-                      tags=tags, run_id=trainer.mlflow_run_id)
+                      tags=tags, run_id=trainer.mlflow_run_id, system_metrics=True)
 
 
 def train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths,
