@@ -45,7 +45,8 @@ def _tokenizer(args, config) -> None:
                 raise ElfError(f"{path}: file not found (run `elf prepare {name}` first)")
             raw_files[name] = (path, dataset.columns)
         texts = training_texts(raw_files, settings.max_texts_per_dataset)
-    digest = build_tokenizer(settings.kind, settings.pretrained, settings.vocab_size, texts, TOKENIZER_DIR)
+    digest = build_tokenizer(settings.kind, settings.pretrained, settings.vocab_size, texts, TOKENIZER_DIR,
+                             algorithm=settings.algorithm)
     print(f"tokenizer: {TOKENIZER_DIR} (sha256 {digest[:12]})")
 
 

@@ -41,7 +41,18 @@ class DemoSource(_Strict):
     train_size: int = Field(gt=0)
     validation_size: int = Field(gt=0)
     test_size: int = Field(default=0, ge=0)
-    max_sentences: int = Field(default=6, gt=0)
+    # Sentences per document (lm, summarization) or per pair (translation); None: the generator's default
+    # (6, 2, 8). Summarisation needs >= 3 (the event and two mentions of the main person).
+    max_sentences: int | None = Field(default=None, gt=0)
+    words_per_class: int | None = Field(default=None, gt=0)  # first N words of each word class; None: all 190
+
+    @model_validator(mode="after")
+    def _check(self) -> DemoSource:
+        if self.generator == "summarization" and self.max_sentences is not None and self.max_sentences < 3:
+            raise ValueError(f"max_sentences must be >= 3 for summarization (got {self.max_sentences})")
+        if self.words_per_class is not None and self.words_per_class < 2 and self.generator == "summarization":
+            raise ValueError("words_per_class must be >= 2 for summarization (two names at least)")
+        return self
 
 
 class HubSource(_Strict):
@@ -126,9 +137,10 @@ class DatasetConfig(_Strict):
 
 
 class TokenizerConfig(_Strict):
-    """`train`: a T5-style Unigram tokenizer trained on the raw training text; `pretrained`: copied."""
+    """`train`: a tokenizer trained on the raw training text (`algorithm`); `pretrained`: copied."""
 
     kind: Literal["train", "pretrained"]
+    algorithm: Literal["bpe", "unigram"] = "bpe"  # for kind train; see elf/data/tokenizer.py
     pretrained: str = "t5-small"
     vocab_size: int = 2000  # len(tokenizer): pieces + specials + sentinels (an upper bound)
     max_texts_per_dataset: int = Field(default=20_000, gt=0)

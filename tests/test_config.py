@@ -39,6 +39,9 @@ def test_default_params_load(params):
         (lambda p: p["datasets"]["xsum"]["hub"].update(fields={"text": "document"}), "hub.fields must map exactly"),
         (lambda p: p["tokenize"].pop("shard_rows"), "tokenize.shard_rows: required key is missing"),
         (lambda p: p["tokenize"].update(workers=-1), "tokenize.workers"),
+        (lambda p: p["tokenizer"].update(algorithm="wordpiece"), "tokenizer.algorithm: Input should be 'bpe'"),
+        (lambda p: p["datasets"]["xsum"]["demo"].update(max_sentences=2), "datasets.xsum.demo: max_sentences must"),
+        (lambda p: p["datasets"]["owt"]["demo"].update(words_per_class=0), "datasets.owt.demo.words_per_class"),
         (lambda p: p["datasets"].update({"Bad-Name": p["datasets"]["owt"]}), "dataset name 'Bad-Name'"),
     ],
 )

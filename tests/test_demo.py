@@ -154,3 +154,29 @@ def test_summarization_is_deterministic_and_follows_the_rule():
         assert name in demo.NAMES and summary.startswith(name.capitalize() + " ")
     assert demo.summarize_document("Ben sees Anna. Anna takes a red cup in the park. Anna walks.") == (
         "Anna takes the cup.")
+
+
+def test_a_smaller_lexicon_and_fewer_sentences_keep_every_corpus_exact():
+    """The CPU demo's easier settings (words_per_class, max_sentences) keep the oracle and the exact targets."""
+    lexicon = demo.demo_lexicon(5)
+    allowed = {w for words in lexicon.values() for w in words} | {demo.PERIOD}
+    assert all(len(words) <= 5 for words in lexicon.values()) and demo.demo_lexicon() == demo.LEXICON
+    g = demo.build_grammar(3, max_sentences=2, lexicon=lexicon)
+    for text in demo.generate_lm(g, 0, 50):
+        words = demo.text_to_words(text)
+        assert set(words) <= allowed and 1 <= words.count(".") <= 2 and math.isfinite(g.log_prob(words))
+    for source, target in demo.generate_translation(5, 100, max_sentences=1, lexicon=lexicon):
+        assert demo.translate_source_to_target(source) == target
+        assert set(demo.text_to_words(target)) <= allowed and demo.text_to_words(target).count(".") == 1
+    for document, summary in demo.generate_summarization(5, 100, min_sentences=3, max_sentences=4, lexicon=lexicon):
+        assert demo.summarize_document(document) == summary
+        assert set(demo.text_to_words(document)) <= allowed and 3 <= document.count(".") <= 4
+
+
+def test_impossible_demo_settings_are_one_line_errors():
+    with pytest.raises(ElfError, match="min_sentences"):
+        next(demo.generate_summarization(0, 1, min_sentences=2, max_sentences=2))
+    with pytest.raises(ElfError, match="two names"):
+        next(demo.generate_summarization(0, 1, lexicon=demo.demo_lexicon(1)))
+    with pytest.raises(ElfError, match="words_per_class"):
+        demo.demo_lexicon(0)

@@ -4,6 +4,7 @@ import json
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pyarrow as pa
@@ -55,21 +56,45 @@ def read_rows(split_dir, column):
     return manifest, rows
 
 
-def test_trained_tokenizer_follows_t5_conventions_and_round_trips(tokenizer_dir, tmp_path):
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+@pytest.mark.parametrize("algorithm", ["bpe", "unigram"])
+def test_trained_tokenizer_follows_t5_conventions_and_round_trips(algorithm, tmp_path):
+    rng = random.Random(0)
+    texts = [sentence(rng, rng.randint(3, 12)) for _ in range(500)]
+    build_tokenizer("train", "", 300, iter(texts), tmp_path / "tok", algorithm=algorithm)
+    tok = load_tokenizer(tmp_path / "tok")
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
-    text = "The old dog sees a red ball."
+    text = "The old  dog sees a red ball."
     ids = tok(text)["input_ids"]
     assert ids[-1] == EOS_ID and ids.count(EOS_ID) == 1
-    assert tok.decode(ids, skip_special_tokens=True) == text
-    assert "<extra_id_0>" in tok.get_vocab()  # sentinels, as in t5-small
+    assert tok.decode(ids, skip_special_tokens=True) == "The old dog sees a red ball."
+    vocab = tok.get_vocab()
+    assert len(tok) <= 300 and vocab["<extra_id_0>"] == len(tok) - 1  # sentinels last, as in t5-small
+    assert all(tok.decode(tok(t)["input_ids"], skip_special_tokens=True) == t for t in texts)
 
 
-def test_tokenizer_training_is_reproducible(tmp_path):
-    texts = [sentence(random.Random(i), 8) for i in range(300)]
-    first = build_tokenizer("train", "", 300, iter(texts), tmp_path / "a")
-    second = build_tokenizer("train", "", 300, iter(texts), tmp_path / "b")
-    assert first == second
+def test_bpe_tokenizer_keeps_the_words_of_a_small_corpus_whole(tokenizer_dir):
+    """Why the demo trains BPE: Unigram splits even frequent words of a small corpus into fragments."""
+    tok = load_tokenizer(tokenizer_dir)
+    pieces = tok.convert_ids_to_tokens(tok("The old dog sees a red ball.", add_special_tokens=False)["input_ids"])
+    assert pieces == ["▁The", "▁old", "▁dog", "▁sees", "▁a", "▁red", "▁ball", "."]
+
+
+@pytest.mark.parametrize("algorithm", ["bpe", "unigram"])
+def test_tokenizer_training_is_reproducible_across_processes(algorithm, tmp_path):
+    script = (
+        "import random, sys; from tests.test_tokens import sentence; from elf.data.tokenizer import build_tokenizer; "
+        "texts = [sentence(random.Random(i), 8) for i in range(300)]; "
+        f"print(build_tokenizer('train', '', 300, iter(texts), sys.argv[1], algorithm='{algorithm}'))"
+    )
+    digests = [subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], cwd=REPO, check=True,
+                              capture_output=True, text=True).stdout.strip() for name in ("a", "b")]
+    assert digests[0] == digests[1] and len(digests[0]) == 64
+
+
+def test_unknown_tokenizer_algorithm_is_one_line_error(tmp_path):
+    with pytest.raises(ElfError, match="tokenizer.algorithm: unknown 'wordpiece'"):
+        build_tokenizer("train", "", 300, iter(["a b"]), tmp_path / "t", algorithm="wordpiece")
+    assert not (tmp_path / "t").exists()
 
 
 def test_pretrained_tokenizer_loads_by_local_path(tokenizer_dir, tmp_path):

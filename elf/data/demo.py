@@ -100,6 +100,16 @@ LEXICON: dict[str, tuple[str, ...]] = {
 }
 
 
+def demo_lexicon(words_per_class: int | None = None) -> dict[str, tuple[str, ...]]:
+    """The built-in lexicon, or the first `words_per_class` words of each class: a smaller language that a
+    small model learns in fewer steps (the CPU demo's choice; every word keeps its German form)."""
+    if words_per_class is None:
+        return dict(LEXICON)
+    if words_per_class < 1:
+        raise ElfError(f"demo lexicon: words_per_class must be >= 1, got {words_per_class}")
+    return {c: words[:words_per_class] for c, words in LEXICON.items()}
+
+
 def _german_lexicon() -> dict[str, str]:
     """English → pseudo-German, checked to be a bijection (translation must be exactly invertible)."""
     table: dict[str, str] = {name: name for name in NAMES} | {PERIOD: PERIOD}
@@ -544,14 +554,15 @@ def translate_source_to_target(source: str) -> str:
 
 
 def generate_translation(
-    seed: int, n: int, *, grammar_seed: int = DEMO_GRAMMAR_SEED, max_words: int = 24
+    seed: int, n: int, *, grammar_seed: int = DEMO_GRAMMAR_SEED, max_words: int = 24, max_sentences: int = 2,
+    lexicon: Mapping[str, Sequence[str]] | None = None,
 ) -> Iterator[tuple[str, str]]:
-    """n (German-like source, English target) pairs of 1-2 sentences, at most max_words words each side.
+    """n (German-like source, English target) pairs of 1..max_sentences sentences, at most max_words words each side.
 
-    The English comes from a fixed grammar (`grammar_seed`), the seed only picks samples; the source is
-    a deterministic, invertible function of the English (`translate_source_to_target` inverts it).
+    The English comes from a fixed grammar (`grammar_seed`, over `lexicon`), the seed only picks samples; the
+    source is a deterministic, invertible function of the English (`translate_source_to_target` inverts it).
     """
-    grammar = build_grammar(grammar_seed, max_sentences=2)
+    grammar = build_grammar(grammar_seed, max_sentences=max_sentences, lexicon=lexicon)
     rng = np.random.default_rng([seed, _STREAM_TRANSLATION])
     made = 0
     while made < n:
@@ -601,10 +612,10 @@ def _sample_sentence(grammar: Grammar, rng: np.random.Generator, avoid: str, pre
     raise ElfError("demo summarisation: could not sample a sentence of the required shape")
 
 
-def _summary_pair(grammar: Grammar, rng: np.random.Generator, min_sentences: int, max_sentences: int,
-                  max_words: int) -> tuple[str, str]:
+def _summary_pair(grammar: Grammar, rng: np.random.Generator, names: Sequence[str], min_sentences: int,
+                  max_sentences: int, max_words: int) -> tuple[str, str]:
     while True:
-        main = NAMES[int(rng.integers(len(NAMES)))]
+        main = names[int(rng.integers(len(names)))]
         n_sent = int(rng.integers(min_sentences, max_sentences + 1))
         event_at = int(rng.integers(n_sent))
         others = [i for i in range(n_sent) if i != event_at]
@@ -630,15 +641,21 @@ def _summary_pair(grammar: Grammar, rng: np.random.Generator, min_sentences: int
 
 def generate_summarization(
     seed: int, n: int, *, grammar_seed: int = DEMO_GRAMMAR_SEED, min_sentences: int = 4,
-    max_sentences: int = 8, max_words: int = 80,
+    max_sentences: int = 8, max_words: int = 80, lexicon: Mapping[str, Sequence[str]] | None = None,
 ) -> Iterator[tuple[str, str]]:
     """n (document, summary) pairs; the summary follows the rule of `summarize_document`.
 
     A document has min..max_sentences sentences (at most max_words words) from a fixed one-sentence
-    grammar: one event sentence "<Main> <verb> <det> ... <noun> ...", 1-2 more mentions of the main
-    person (as object, or as subject after the event), and filler sentences that never mention them.
+    grammar over `lexicon`: one event sentence "<Main> <verb> <det> ... <noun> ...", 1-2 more mentions of
+    the main person (as object, or as subject after the event), and filler sentences that never mention them.
     """
-    grammar = build_grammar(grammar_seed, max_sentences=1)
+    if not 3 <= min_sentences <= max_sentences:
+        raise ElfError("demo summarisation: need 3 <= min_sentences <= max_sentences (an event, two mentions)")
+    lexicon = lexicon or LEXICON
+    names = tuple(lexicon.get("name", ()))
+    if len(names) < 2:
+        raise ElfError("demo summarisation: the lexicon needs at least two names")
+    grammar = build_grammar(grammar_seed, max_sentences=1, lexicon=lexicon)
     rng = np.random.default_rng([seed, _STREAM_SUMMARY])
     for _ in range(n):
-        yield _summary_pair(grammar, rng, min_sentences, max_sentences, max_words)
+        yield _summary_pair(grammar, rng, names, min_sentences, max_sentences, max_words)

@@ -32,16 +32,21 @@ def _demo_splits(name: str, dataset: DatasetConfig, seed: int, out_dir: Path) ->
     spec = dataset.demo
     sizes = {"train": spec.train_size, "validation": spec.validation_size, "test": spec.test_size}
     sizes = {split: n for split, n in sizes.items() if n > 0}
+    lexicon = demo.demo_lexicon(spec.words_per_class)
+    sentences = {} if spec.max_sentences is None else {"max_sentences": spec.max_sentences}
     if spec.generator == "lm":
-        grammar = demo.build_grammar(seed, max_sentences=spec.max_sentences)
+        grammar = demo.build_grammar(seed, lexicon=lexicon, **sentences)
         (out_dir / GRAMMAR_FILE).write_text(json.dumps(grammar.to_dict()) + "\n", encoding="utf-8")
         return {
             split: ({"text": t} for t in demo.generate_lm(grammar, split_seed(seed, name, split), n))
             for split, n in sizes.items()
         }
+    if spec.generator == "summarization" and spec.max_sentences is not None:
+        sentences["min_sentences"] = max(3, spec.max_sentences // 2)
     generate = demo.generate_translation if spec.generator == "translation" else demo.generate_summarization
     return {
-        split: ({"source": s, "target": t} for s, t in generate(split_seed(seed, name, split), n))
+        split: ({"source": s, "target": t} for s, t in generate(split_seed(seed, name, split), n, lexicon=lexicon,
+                                                                **sentences))
         for split, n in sizes.items()
     }
 

@@ -1,8 +1,9 @@
 """The tokenizer stage: a T5-style tokenizer saved as a Hugging Face directory in `data/tokenizer/`.
 
-Either a pretrained tokenizer (the paper: `t5-small`, by hub name or local path) is copied, or a
-T5-style Unigram tokenizer is trained on the raw training text (the offline demo default). Both follow
-the T5 conventions elf-method §2 relies on: <pad>=0, </s>=1, <unk>=2, and EOS appended to every text.
+Either a pretrained tokenizer (the paper: `t5-small`, by hub name or local path) is copied, or one is
+trained on the raw training text (the offline demo default): BPE (`tokenizers`) or a SentencePiece Unigram
+model like T5's. All follow the T5 conventions elf-method §2 relies on: <pad>=0, </s>=1, <unk>=2, EOS
+appended to every text, and 100 `<extra_id_*>` sentinels after the pieces (so len(tokenizer) has T5's layout).
 Later stages load only from `data/tokenizer/`, never from the hub.
 """
 
@@ -11,12 +12,47 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from elf.config import NUM_SENTINELS, NUM_SPECIAL_TOKENS
 from elf.data.shards import atomic_output_dir
 from elf.errors import ElfError
 from elf.hashing import directory_hash
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+TOKENIZER_ALGORITHMS = ("bpe", "unigram")
+
+
+def _sentinels() -> list[str]:
+    """T5's order: <extra_id_99> gets the lowest sentinel id, <extra_id_0> the highest."""
+    return [f"<extra_id_{i}>" for i in reversed(range(NUM_SENTINELS))]
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Train a BPE tokenizer with SentencePiece-style word boundaries ("▁") and T5's special-token layout.
+
+    Why BPE for trained tokenizers: on a small corpus (the demo's few hundred distinct words) SentencePiece's
+    Unigram trainer stops at a few hundred pieces and splits even frequent words into fragments ("h" "is"),
+    which makes every task harder for a small model; BPE keeps merging up to `vocab_size` and ends with
+    whole words. The `tokenizers` BPE trainer is deterministic (same text, same bytes, same hash).
+    Punctuation is split off words, so "river." is "▁river" + "."; decoding restores the spacing.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - NUM_SENTINELS, special_tokens=[PAD, EOS, UNK],
+                                  show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    if tokenizer.get_vocab_size() <= NUM_SPECIAL_TOKENS:
+        raise ElfError("tokenizer: no training text (every raw train split is empty)")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, EOS_ID)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, unk_token=UNK,
+                                   additional_special_tokens=_sentinels())
 
 
 def train_unigram_tokenizer(texts: Iterable[str], vocab_size: int, work_dir: str | Path):
@@ -111,11 +147,15 @@ def training_texts(raw_files: dict[str, tuple[Path, tuple[str, ...]]], per_datas
 
 
 def build_tokenizer(kind: str, pretrained: str, vocab_size: int, texts: Iterable[str] | None,
-                    out_dir: str | Path) -> str:
+                    out_dir: str | Path, algorithm: str = "bpe") -> str:
     """The tokenizer stage: copy a pretrained tokenizer or train one; returns the directory's hash."""
     import tempfile
 
     if kind == "pretrained":
         return save_tokenizer(load_pretrained_tokenizer(pretrained), out_dir)
+    if algorithm not in TOKENIZER_ALGORITHMS:
+        raise ElfError(f"tokenizer.algorithm: unknown {algorithm!r} (known: {', '.join(TOKENIZER_ALGORITHMS)})")
+    if algorithm == "bpe":
+        return save_tokenizer(train_bpe_tokenizer(texts, vocab_size), out_dir)
     with tempfile.TemporaryDirectory() as work_dir:
         return save_tokenizer(train_unigram_tokenizer(texts, vocab_size, work_dir), out_dir)
