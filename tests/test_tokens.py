@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from transformers import AutoTokenizer
 
 from elf.config import DatasetConfig, TokenizeConfig
 from elf.data.shards import verify_shards
