@@ -2,7 +2,7 @@
 
     python bench/loader_throughput.py [--docs 4000] [--repeats 3] [--prefetch] [--trainer-tokens-per-s 50000]
 
-Data: demo OWT-like text tokenized at max_length 64 (as the demo preset), a scratch-sized T5 encoder
+Data: demo OWT-like text tokenized at max_length 64 (the earlier demo setting), a scratch-sized T5 encoder
 (d_model 128, 2 layers, 4 heads, d_ff 512; random weights) and the embedding cache the embed stage makes
 with it. Each path yields --batches (online: --online-batches) batches of --batch-size rows after one
 warm-up batch, --repeats times (best run reported: the cores are shared); tokens count the valid positions.
