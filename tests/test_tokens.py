@@ -90,9 +90,11 @@ def test_tokenizer_training_is_reproducible_across_processes(algorithm, tmp_path
     assert digests[0] == digests[1] and len(digests[0]) == 64
 
 
-def test_unknown_tokenizer_algorithm_is_one_line_error(tmp_path):
+def test_unknown_tokenizer_algorithm_or_no_text_is_one_line_error(tmp_path):
     with pytest.raises(ElfError, match="tokenizer.algorithm: unknown 'wordpiece'"):
         build_tokenizer("train", "", 300, iter(["a b"]), tmp_path / "t", algorithm="wordpiece")
+    with pytest.raises(ElfError, match="no training text"):
+        build_tokenizer("train", "", 300, iter([]), tmp_path / "t")
     assert not (tmp_path / "t").exists()
 
 
