@@ -92,6 +92,11 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(directory: Path) -> int:
+    """The step of a directory named by `step_dir`."""
+    return int(_STEP_DIR.match(directory.name).group(1))
+
+
 def clean_partial(root: Path) -> None:
     """Remove temporary checkpoint directories left by a kill during a save."""
     if root.is_dir():

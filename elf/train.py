@@ -246,6 +246,18 @@ class Trainer:
             ckpt.clean_partial(self.paths.checkpoints)
         _barrier(self.d)
         found = ckpt.list_checkpoints(self.paths.checkpoints)
+        past = [c for c in found if ckpt.checkpoint_step(c) > self.settings.steps]
+        if past:
+            # train.steps was lowered below what was trained: those checkpoints would finish the run at the
+            # wrong step. Resume from an earlier one if kept, else from scratch.
+            _barrier(self.d)
+            if self.d.main:
+                print(f"train {self.name}: train.steps is {self.settings.steps}; removing "
+                      f"{len(past)} checkpoint(s) past it in {self.paths.checkpoints}", file=sys.stderr)
+                for directory in past:
+                    shutil.rmtree(directory)
+            _barrier(self.d)
+            found = found[: len(found) - len(past)]
         if not found:
             return False
         directory = found[-1]

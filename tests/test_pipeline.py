@@ -25,6 +25,9 @@ def tiny_params() -> dict:
     params["encoder"]["scratch"].update(d_model=32, num_layers=1, num_heads=2, d_ff=64, steps=10, batch_size=8)
     params["train"]["defaults"].update(steps=4, batch_size=8, checkpoint_every=2, log_every=1,
                                        model={"depth": 1, "hidden": 32, "heads": 2, "bottleneck": 16})
+    for override in params["train"]["datasets"].values():  # the demo's per-dataset lengths
+        for key in ("steps", "warmup_steps"):
+            override.pop(key, None)
     params["sample"].update(num_samples=4, batch_size=4, seeds=[0, 1])
     params["sample"]["samplers"] = {
         "owt": [{"name": "sde-4", "kind": "sde", "steps": 4, "gamma": 1.5, "guidance": 3.0},

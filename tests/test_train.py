@@ -190,3 +190,16 @@ def test_changed_settings_start_afresh_but_more_steps_resume(data, tmp_path, cap
     assert [c.name for c in (p.out / "checkpoints").iterdir()] == ["step-000002"]
     fresh = final_weights(p)  # step 2 again, now with lr 0.01: not the old step-2 weights
     assert any(not torch.equal(first[key], fresh[key]) for key in first)
+
+
+def test_lowered_steps_drop_the_checkpoints_past_them(data, tmp_path, capsys):
+    """A run to 6 steps, then `steps: 4`: the model must be the 4-step model, not the 6-step one."""
+    reference = paths(data, tmp_path / "reference")
+    train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 4}), 42, reference)
+    p = paths(data, tmp_path / "run")
+    train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "keep_checkpoints": 3}), 42, p)  # 2, 4, 6
+    summary = train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 4, "keep_checkpoints": 3}), 42, p)
+    out, err = capsys.readouterr()
+    assert "removing 1 checkpoint(s) past it" in err and "resuming at step 4" in out and summary["steps"] == 4
+    assert [c.name for c in sorted((p.out / "checkpoints").iterdir())] == ["step-000002", "step-000004"]
+    assert_same_weights(final_weights(p), final_weights(reference))
