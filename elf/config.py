@@ -156,11 +156,16 @@ class TokenizerConfig(_Strict):
 
 
 class TokenizeConfig(_Strict):
-    """Streaming tokenization into few, large Parquet shards."""
+    """Streaming tokenization into few, large Parquet shards.
+
+    `packing` (lm rows, elf-method §2): `paragraphs` fills rows across document boundaries, paragraph by
+    paragraph (the paper; rows ≈ 85–100% full); `documents` gives each document its own rows (short rows).
+    """
 
     shard_rows: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     workers: int = Field(default=0, ge=0)
+    packing: Literal["paragraphs", "documents"] = "paragraphs"
 
 
 class ScratchEncoderConfig(_Strict):
@@ -222,11 +227,36 @@ class ObjectiveSettings(_Strict):
     condition_dropout: float = Field(default=0.1, ge=0, lt=1)
 
 
+class ModelSettings(_Strict):
+    """Changes to the preset's network shape (elf-method §5); a field left out (None) keeps the preset's value.
+
+    Typed so that a misspelt or impossible shape fails at load (`elf config check`), not at train time.
+    The shape rules themselves live in `elf.model.ModelConfig` and are applied to preset + changes here.
+    """
+
+    depth: int | None = Field(default=None, gt=0)
+    hidden: int | None = Field(default=None, gt=0)
+    heads: int | None = Field(default=None, gt=0)
+    bottleneck: int | None = Field(default=None, gt=0)
+    decode_hidden: int | None = Field(default=None, gt=0)
+    mlp_hidden: int | None = Field(default=None, gt=0)
+    num_prefix_each: int | None = Field(default=None, gt=0)
+    rope_theta: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    freq_dim: int | None = Field(default=None, gt=0)
+    max_period: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    norm_eps: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    attention_fp32: bool | None = None
+
+    def overrides(self) -> dict[str, int | float | bool]:
+        """The fields set here, as keyword arguments of `elf.model.build_model`."""
+        return self.model_dump(exclude_none=True)
+
+
 class TrainSettings(_Strict):
     """One training run (elf-method §8). `train.defaults` holds these; `train.datasets.<ds>` overrides them."""
 
     preset: str = "tiny"
-    model: dict[str, int | float] = Field(default_factory=dict)  # overrides of the preset (depth, hidden, ...)
+    model: ModelSettings = Field(default_factory=ModelSettings)  # changes to the preset's shape ({} = as is)
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0)  # global batch, whatever the number of processes
     micro_batch_size: int | None = Field(default=None, gt=0)  # per process; None = batch / world (no accumulation)
@@ -248,19 +278,25 @@ class TrainSettings(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TrainSettings:
-        from elf.model import PRESETS
+        from elf.model import PRESETS, check_shape
 
         if self.preset not in PRESETS:
             raise ValueError(f"preset '{self.preset}' is not one of {', '.join(PRESETS)}")
+        try:
+            check_shape({**PRESETS[self.preset], **self.model.overrides()})
+        except ValueError as error:
+            raise ValueError(f"model: {error}") from None
         if self.objective.guidance_high <= self.objective.guidance_low:
             raise ValueError("objective.guidance_high must exceed objective.guidance_low")
         return self
 
 
 def _deep_update(base: dict, overlay: dict) -> dict:
+    """`base` with `overlay` merged in: a non-empty mapping merges key by key, anything else (an empty
+    mapping `{}` included, which means "empty", not "unchanged") replaces the value."""
     merged = dict(base)
     for key, value in overlay.items():
-        merged[key] = _deep_update(base[key], value) if isinstance(value, dict) and isinstance(
+        merged[key] = _deep_update(base[key], value) if value and isinstance(value, dict) and isinstance(
             base.get(key), dict) else value
     return merged
 
@@ -271,11 +307,18 @@ class TrainConfig(_Strict):
 
     def for_dataset(self, name: str) -> TrainSettings:
         """The defaults with the dataset's overrides applied, validated (errors name the merged key)."""
-        merged = _deep_update(self.defaults, self.datasets.get(name, {}))
+        override = self.datasets.get(name, {})
         try:
-            return TrainSettings.model_validate(merged)
+            return TrainSettings.model_validate(_deep_update(self.defaults, override))
         except ValidationError as error:
-            raise ElfError(_format_error(f"params.yaml: train (for dataset {name})", error)) from None
+            # Name the section the bad key came from: the dataset's override, else the defaults.
+            node, loc = override, error.errors()[0]["loc"]
+            for part in loc:
+                node = node.get(part) if isinstance(node, dict) else None
+            if not loc:  # a rule over several keys of the merged settings
+                raise ElfError(_format_error(f"params.yaml: train (for dataset {name})", error)) from None
+            section = f"train.datasets.{name}" if node is not None else "train.defaults"
+            raise ElfError(_format_error("params.yaml", error, key_prefix=section)) from None
 
 
 class SampleConfig(_Strict):
@@ -360,9 +403,9 @@ class Config(_Strict):
         return self.datasets[name]
 
 
-def _format_error(source: str, error: ValidationError) -> str:
+def _format_error(source: str, error: ValidationError, key_prefix: str = "") -> str:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
+    where = ".".join(([key_prefix] if key_prefix else []) + [str(part) for part in first["loc"]])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
@@ -403,13 +446,35 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def _deep_merge(base: Any, overlay: Any) -> None:
-    """Merge `overlay` into the round-trip YAML mapping `base` in place (keeps comments and order)."""
+def _merge_in_place(base: Any, overlay: Any) -> None:
+    """Merge the preset `overlay` into the round-trip YAML mapping `base` in place.
+
+    The rule of `_deep_update`: a non-empty mapping merges key by key, anything else replaces (`{}` empties).
+    Lists replace element by element, and a mapping is refilled rather than swapped, so the containers keep
+    their YAML style and comments: applying one preset and then the other gives back the file byte for byte.
+    """
     for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
+        current = base.get(key)
+        if isinstance(value, dict) and isinstance(current, dict) and value and current:
+            _merge_in_place(current, value)
+        elif isinstance(value, dict) and isinstance(current, dict) and not value:
+            current.clear()
+        elif isinstance(value, list) and isinstance(current, list):
+            _replace_list(current, value)
         else:
             base[key] = value
+
+
+def _replace_list(current: list, value: list) -> None:
+    del current[len(value):]
+    for i, item in enumerate(value):
+        if i >= len(current):
+            current.append(item)
+        elif isinstance(item, dict) and isinstance(current[i], dict):
+            current[i].clear()
+            current[i].update(item)
+        else:
+            current[i] = item
 
 
 def apply_preset(name: str, params_path: str | Path = "params.yaml") -> Config:
@@ -418,16 +483,21 @@ def apply_preset(name: str, params_path: str | Path = "params.yaml") -> Config:
 
     if name not in available_presets():
         raise ElfError(f"unknown preset '{name}' (available: {', '.join(available_presets())})")
-    overlay = read_yaml(PRESETS_DIR / f"{name}.yaml")
     params_path = Path(params_path)
-    round_trip = YAML()
+    round_trip = YAML()  # YAML 1.2, DVC's dialect; written in params.yaml's own layout
     round_trip.preserve_quotes = True
+    round_trip.indent(mapping=2, sequence=4, offset=2)
+    round_trip.width = 4096  # never fold a flow mapping onto two lines
+    round_trip.representer.add_representer(
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
+    with open(PRESETS_DIR / f"{name}.yaml", encoding="utf-8") as handle:
+        overlay = round_trip.load(handle)  # round-trip objects: the preset's own styles travel with its values
     try:
         with open(params_path, encoding="utf-8") as handle:
             document = round_trip.load(handle)
     except FileNotFoundError:
         raise ElfError(f"{params_path}: file not found") from None
-    _deep_merge(document, overlay)
+    _merge_in_place(document, overlay)
     tmp = params_path.with_name(f".{params_path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:

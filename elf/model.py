@@ -58,12 +58,7 @@ class ModelConfig:
             self.mlp_hidden = int(4 * self.hidden * 2 / 3)
         if not 0 < self.bottleneck < self.embed_dim:
             raise ValueError(f"bottleneck must be in (0, embed_dim={self.embed_dim}), got {self.bottleneck}")
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
-        if (self.hidden // self.heads) % 2:
-            raise ValueError(f"head dim {self.hidden // self.heads} must be even for interleaved-pair RoPE")
-        if self.freq_dim % 2:
-            raise ValueError(f"freq_dim must be even, got {self.freq_dim}")
+        check_shape(self.to_dict())
 
     @property
     def head_dim(self) -> int:
@@ -84,6 +79,20 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig keys {unknown}; known keys: {sorted(known)}")
         return cls(**data)
+
+
+def check_shape(shape: dict) -> None:
+    """The shape rules that do not depend on the encoder (§5); `ValueError` names the offending field.
+
+    Shared by `ModelConfig` and the config loader, so `elf config check` rejects what training would.
+    """
+    hidden, heads, freq_dim = shape["hidden"], shape["heads"], shape.get("freq_dim", 256)
+    if hidden % heads:
+        raise ValueError(f"hidden={hidden} is not divisible by heads={heads}")
+    if (hidden // heads) % 2:
+        raise ValueError(f"head dim {hidden // heads} (hidden / heads) must be even for interleaved-pair RoPE")
+    if freq_dim % 2:
+        raise ValueError(f"freq_dim must be even, got {freq_dim}")
 
 
 def _fp32_region(device: torch.device) -> contextlib.AbstractContextManager:

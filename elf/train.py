@@ -142,7 +142,7 @@ class Trainer:
         self.local_batch, self.micro = micro_batches(settings, d.world)
         torch.manual_seed(seed)  # identical initial weights on every rank
         self.model: ELF = build_model(settings.preset, self.encoder.dim, tokens_manifest["vocab_size"],
-                                      **settings.model).to(d.device)
+                                      **settings.model.overrides()).to(d.device)
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model) if d.world > 1 else None)
         self.optimizer = build_optimizer(self.model, kind=settings.optimizer, lr=settings.learning_rate)
         self.scheduler = warmup_constant_schedule(self.optimizer, settings.warmup_steps)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import yaml
 
-from elf.config import apply_preset, config_from_dict, load_config
+from elf.config import PRESETS_DIR, apply_preset, config_from_dict, load_config
 from elf.errors import ElfError
 from tests.conftest import REPO, run_elf
 
@@ -70,19 +70,109 @@ def test_cli_reports_bad_params_in_one_line_and_exits_2(tmp_path, params):
     assert "params.yaml: datasets.owt.max_length" in result.stderr
 
 
-def test_paper_preset_switches_everything_and_keeps_comments(tmp_path):
+def _unset_keys(one, other, where="") -> list[str]:
+    """Keys one preset sets that the other does not. Two non-empty mappings are compared key by key;
+    anything else (a value, a list, `{}`) sets the whole path."""
+    if not (isinstance(one, dict) and one and isinstance(other, dict) and other):
+        return []
+    missing = [f"{where}{key}" for key in set(one) ^ set(other)]
+    for key in set(one) & set(other):
+        missing += _unset_keys(one[key], other[key], f"{where}{key}.")
+    return missing
+
+
+def test_presets_set_the_same_keys():
+    demo, paper = (yaml.safe_load((PRESETS_DIR / f"{name}.yaml").read_text()) for name in ("demo", "paper"))
+    assert _unset_keys(demo, paper) == []
+    assert _unset_keys({"a": {"b": 1, "c": {}}}, {"a": {"b": 2, "c": {"d": 1}, "e": 3}}) == ["a.e"]
+
+
+def test_apply_paper_then_demo_gives_back_params_byte_for_byte(tmp_path):
+    path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", path)
+    apply_preset("paper", path)
+    assert "# Every setting a stage reads" in path.read_text()
+    assert load_config(path).datasets["owt"].source == "hub"
+    apply_preset("demo", path)
+    assert path.read_bytes() == (REPO / "params.yaml").read_bytes()
+
+
+# The paper's values, written from elf-method.md (§2 representation, §5 ELF-B, §7 samplers, §8 recipe, §9
+# evaluation) — deliberately not read from the preset file, so a wrong preset fails here.
+PAPER_LENGTHS = {"owt": (1024, None), "wmt14": (128, 64), "xsum": (1088, 1024)}
+PAPER_STEPS = {"owt": (95_000, 9_500), "wmt14": (880_700, 5_000), "xsum": (39_900, 5_000)}  # 5 / 100 / 100 epochs
+PAPER_DECODE_NOISE = {"owt": 5.0, "wmt14": 1.0, "xsum": 1.0}
+PAPER_SAMPLERS = {
+    "owt": {("sde", 32, 1.5, 3.0, 1.0), ("sde", 8, 2.0, 3.0, 1.0), ("sde", 16, 2.0, 3.0, 1.0),
+            ("sde", 64, 1.0, 3.0, 1.0), ("ode", 64, None, 3.0, 1.0)},
+    "wmt14": {("ode", 64, None, 1.0, 2.0)},
+    "xsum": {("ode", 64, None, 1.0, 2.0)},
+}
+
+
+def test_paper_preset_resolves_to_the_paper_configuration(tmp_path):
+    import torch
+
+    from elf.model import build_model, num_parameters
+
     path = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", path)
     config = apply_preset("paper", path)
-    assert {d.source for d in config.datasets.values()} == {"hub"}
-    assert (config.datasets["owt"].max_length, config.datasets["wmt14"].max_length) == (1024, 128)
-    assert (config.datasets["wmt14"].max_input_length, config.datasets["xsum"].max_input_length) == (64, 1024)
-    assert config.datasets["xsum"].max_length == 1088
-    assert config.tokenizer.kind == "pretrained" and config.tokenizer.pretrained == "t5-small"
-    assert "# Every setting a stage reads" in path.read_text()
-    assert load_config(path) == config
-    back = apply_preset("demo", path)
-    assert back == load_config(REPO / "params.yaml")
+    assert config == load_config(path)
+    assert (config.tokenizer.kind, config.tokenizer.pretrained) == ("pretrained", "t5-small")
+    assert (config.encoder.kind, config.encoder.pretrained) == ("pretrained", "t5-small")
+    assert config.tokenize.packing == "paragraphs"
+    assert config.embed.cache["owt"] is False  # OWT does not fit in an embedding cache: encoded online
+    assert (config.evaluate.judge, config.evaluate.judge_dtype) == ("gpt2-large", "float32")
+    assert (config.sample.num_samples, len(config.sample.seeds)) == (1000, 6)
+    for name, dataset in config.datasets.items():
+        assert dataset.source == "hub"
+        assert (dataset.max_length, dataset.max_input_length) == PAPER_LENGTHS[name]
+        train = config.train.for_dataset(name)
+        assert (train.preset, train.model.overrides()) == ("ELF-B", {})
+        assert (train.optimizer, train.batch_size, train.learning_rate) == ("muon", 512, 0.002)
+        assert (train.steps, train.warmup_steps) == PAPER_STEPS[name]
+        assert (train.ema_decay, train.grad_clip, train.micro_batch_size) == (0.9999, 1.0, None)
+        objective = train.objective
+        assert objective.decode_noise_scale == PAPER_DECODE_NOISE[name]
+        assert (objective.time_mean, objective.time_std, objective.noise_scale, objective.min_denom) == (
+            -1.5, 0.8, 2.0, 0.05)
+        assert (objective.decode_prob, objective.decode_keep_mean, objective.decode_keep_std) == (0.2, 0.8, 0.8)
+        assert (objective.self_cond_prob, objective.guidance_low, objective.guidance_high) == (0.5, 1.5, 6.0)
+        assert objective.condition_dropout == 0.1
+        samplers = {(s.kind, s.steps, s.gamma if s.kind == "sde" else None, s.guidance, s.cfg_scale)
+                    for s in config.sample.sampler_configs(name).values()}
+        assert samplers == PAPER_SAMPLERS[name]
+        for sampler in config.sample.sampler_configs(name).values():
+            assert (sampler.grid, sampler.noise_scale, sampler.min_denom) == ("logit_normal", 2.0, 0.05)
+        with torch.device("meta"):  # shapes only: no 400 MB allocation
+            model = build_model(train.preset, 512, 32_100, **train.model.overrides())
+        assert (model.cfg.depth, model.cfg.hidden, model.cfg.heads, model.cfg.bottleneck) == (12, 768, 12, 128)
+        assert round(num_parameters(model) / 1e6, 1) == 104.6
+
+
+def test_an_empty_mapping_means_empty_not_unchanged(params):
+    params["train"]["datasets"]["owt"]["model"] = {}
+    config = config_from_dict(params)
+    assert config.train.for_dataset("owt").model.overrides() == {}
+    assert config.train.for_dataset("wmt14").model.overrides() == {"depth": 2, "hidden": 128, "heads": 4,
+                                                                   "bottleneck": 64}
+
+
+@pytest.mark.parametrize("model, expected", [
+    ({"hiden": 128}, "train.defaults.model.hiden: unknown key"),
+    ({"hidden": 130, "heads": 4}, "hidden=130 is not divisible by heads=4"),
+    ({"hidden": 120, "heads": 8}, "head dim 15 (hidden / heads) must be even"),
+    ({"depth": 0}, "model.depth: Input should be greater than 0"),
+    ({"depth": 2.5}, "model.depth: Input should be a valid integer"),
+])
+def test_model_shape_is_checked_at_load(tmp_path, params, model, expected):
+    params["train"]["defaults"]["model"] = model
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_elf("config", "check", cwd=tmp_path, check=False)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.strip().count("\n") == 0
+    assert expected in result.stderr
 
 
 def test_unknown_preset_leaves_params_untouched(tmp_path):
