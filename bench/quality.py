@@ -55,7 +55,8 @@ def main() -> None:
     dataset = config.datasets["owt"]
     model, _, encoder, tokenizer = load_trained(Path("models/owt/model"), "owt", Path("data/encoder"),
                                                 Path("data/tokenizer"), torch.device("cpu"))
-    scorer = Scorer(dataset, config.evaluate, Path("data/raw/owt"), load_tokenizer("data/tokenizer"), "cpu")
+    scorer = Scorer(dataset, config.evaluate, Path("data/raw/owt"), load_tokenizer("data/tokenizer"), "cpu",
+                    config.tokenize.packing)
     torch.manual_seed(0)
     untrained = ELF(model.cfg).eval()
     held_out = scorer.score(reference_texts(Path("data/raw/owt"), args.samples * len(args.seeds)))

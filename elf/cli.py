@@ -140,8 +140,9 @@ def _sample(args, config) -> None:
 def _sample_interactively(args) -> None:
     import torch
 
+    from elf.data.tokens import truncate_pair
     from elf.generation import encode_sources, load_trained
-    from elf.sample import SamplerConfig, generate, ids_to_texts, source_starts
+    from elf.sample import SamplerConfig, generate, ids_to_texts, output_length, source_starts
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = Path(args.model)
@@ -155,11 +156,13 @@ def _sample_interactively(args) -> None:
     if meta["task"] == "seq2seq":
         if not args.source:
             raise ElfError(f"{model_dir}: a {meta['dataset']} model needs --source TEXT")
-        ids = tokenizer(args.source, add_special_tokens=False)["input_ids"][: meta["max_input_length"] - 1] + [1]
+        ids = tokenizer(args.source, add_special_tokens=False)["input_ids"]
+        ids, _, _ = truncate_pair(ids, [], meta["max_length"], meta["max_input_length"])  # as the tokenize stage
         source, mask = encode_sources(encoder, [ids] * args.num, meta["max_length"])
         out = generate(model, encoder.dim, meta["max_length"], args.num, cfg, args.seed, device, source=source,
                        source_mask=mask, progress=False)
-        texts = ids_to_texts(out.ids, tokenizer, start=source_starts(mask))
+        texts = ids_to_texts(out.ids, tokenizer, start=source_starts(mask),
+                             max_tokens=output_length(meta["max_length"], meta["max_input_length"]))
     else:
         out = generate(model, encoder.dim, meta["max_length"], args.num, cfg, args.seed, device,
                        num_samples=args.num, progress=False)
@@ -176,7 +179,7 @@ def _evaluate(args, config) -> None:
     metrics_dir = METRICS_DIR / args.dataset
     samples = SAMPLES_DIR / f"{args.dataset}.jsonl"
     report = evaluate_dataset(args.dataset, dataset, config.evaluate, samples, RAW_DIR / args.dataset,
-                              load_tokenizer(TOKENIZER_DIR), metrics_dir)
+                              load_tokenizer(TOKENIZER_DIR), metrics_dir, packing=config.tokenize.packing)
     run_id_file = MODELS_DIR / args.dataset / "mlflow_run_id"
     if run_id_file.is_file():
         from elf.tracking import mlflow_run, register_candidate

@@ -64,22 +64,18 @@ def conditional_attention_mask(
     """[B, L, L] boolean mask (query i may attend to key j) for [source ; target] rows (elf-method §2).
 
     Source positions attend only to source positions, so source embeddings never depend on the target.
-    Target positions attend to every valid position; for rows whose condition is dropped (input-CFG
-    training) they may not attend to the source, so their embeddings do not depend on it either.
-    Padding queries attend only to themselves: their outputs are meaningless but finite (a fully masked
-    row would give NaN in softmax), and no valid query ever attends to a padding key.
+    Every other position — the target and the EOS padding after it — attends to the valid keys (source and
+    target), so padding is never an attention key and a target's embeddings do not depend on how much
+    padding follows; the padding positions still get embeddings (they are in the loss). For rows whose
+    condition is dropped (input-CFG training) the non-source queries may not attend to the source either.
+    This is the authors' mask (their `build_self_attn_cond_masks` plus the label-drop block).
     """
-    valid = valid_mask.bool()
-    source = source_mask.bool() & valid
-    target = valid & ~source
+    source = source_mask.bool() & valid_mask.bool()
     drop = drop_condition.bool().view(-1, 1)
     source_to_source = source[:, :, None] & source[:, None, :]
-    target_keys = valid & ~(source & drop)  # [B, L]: keys a target query may see
-    target_to_keys = target[:, :, None] & target_keys[:, None, :]
-    length = valid.shape[1]
-    eye = torch.eye(length, dtype=torch.bool, device=valid.device)
-    pad_to_self = ~valid[:, :, None] & eye
-    return source_to_source | target_to_keys | pad_to_self
+    other_keys = valid_mask.bool() & ~(source & drop)  # [B, L]: keys a non-source query may see
+    other_to_keys = ~source[:, :, None] & other_keys[:, None, :]
+    return source_to_source | other_to_keys
 
 
 def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

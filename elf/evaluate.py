@@ -1,7 +1,8 @@
 """The evaluate stage: `samples/<dataset>.jsonl` → `metrics/<dataset>/eval.json`, plots, MLflow, registry.
 
 Metrics follow elf-method §9 (see elf/metrics.py for each protocol):
-- lm: oracle perplexity under the demo grammar when `data/raw/<ds>/grammar.json` exists (the demo), Gen PPL
+- lm: oracle perplexity under the demo grammar when `data/raw/<ds>/grammar.json` exists (the demo; each
+  sample scored as a stream of documents when `tokenize.packing` is `paragraphs`), Gen PPL
   when a judge LM is configured, and unigram entropy (of the judge's token ids, or of our tokenizer's ids
   without a judge). The same figures for held-out real text are reported as the reference.
 - seq2seq: BLEU (lowercased, effective order — the paper's setting — and standard cased) and ROUGE-1/2/L.
@@ -51,10 +52,17 @@ def read_samples(path: Path, dataset: str) -> list[dict[str, Any]]:
 
 
 class Scorer:
-    """Per-seed metrics of one dataset's texts, with the judge / grammar / tokenizer loaded once."""
+    """Per-seed metrics of one dataset's texts, with the judge / grammar / tokenizer loaded once.
 
-    def __init__(self, dataset: DatasetConfig, settings: EvaluateConfig, raw_dir: Path, tokenizer, device: str):
+    `packing` is the dataset's `tokenize.packing`: under `paragraphs` the model learned rows packed across
+    documents with no separator, so a sample is a stream of documents and the oracle scores it as one
+    (`Grammar.log_prob_stream`); under `documents` each sample is one document.
+    """
+
+    def __init__(self, dataset: DatasetConfig, settings: EvaluateConfig, raw_dir: Path, tokenizer, device: str,
+                 packing: str):
         self.task = dataset.task
+        self.stream = packing == "paragraphs"
         self.settings = settings
         self.tokenizer = tokenizer
         self.device = device
@@ -69,7 +77,7 @@ class Scorer:
             return {**metrics.bleu(texts, references), **metrics.rouge(texts, references)}
         out: dict[str, float | None] = {}
         if self.grammar is not None:
-            oracle = metrics.oracle_ppl(texts, self.grammar)
+            oracle = metrics.oracle_ppl(texts, self.grammar, stream=self.stream)
             out.update(oracle_ppl=oracle["ppl"], oracle_ppl_finite_only=oracle["ppl_finite_only"],
                        oracle_finite_fraction=oracle["finite_fraction"])
         if self.judge is not None:
@@ -119,10 +127,13 @@ def reference_texts(raw_dir: Path, limit: int) -> list[str]:
 
 
 def evaluate_dataset(name: str, dataset: DatasetConfig, settings: EvaluateConfig, samples_path: Path, raw_dir: Path,
-                     tokenizer, metrics_dir: Path, device: str = "cpu") -> dict[str, Any]:
-    """Score every sampler × seed, aggregate, write eval.json and the plots; returns the report."""
+                     tokenizer, metrics_dir: Path, packing: str, device: str = "cpu") -> dict[str, Any]:
+    """Score every sampler × seed, aggregate, write eval.json and the plots; returns the report.
+
+    `packing`: `config.tokenize.packing`, how the training rows were packed (see `Scorer`).
+    """
     rows = read_samples(samples_path, name)
-    scorer = Scorer(dataset, settings, raw_dir, tokenizer, device)
+    scorer = Scorer(dataset, settings, raw_dir, tokenizer, device, packing)
     groups: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         groups[row["sampler"]][row["seed"]].append(row)

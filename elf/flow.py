@@ -175,15 +175,16 @@ def elf_loss(
     the per-token corrupted input. Both kinds share one gradient forward. Loss = (Σ CE over decode-row loss
     tokens + Σ channel-mean squared velocity error over denoise-row loss tokens) / #loss tokens in the batch.
 
-    Conditional rows (§2, §6): the clean source stays in place in z and in the decode input, never noised,
-    and out of the loss; rows with `cond_dropped` have their source set to 0 in x, z and the
-    self-conditioning input. The source positions of x̂_A in c are left as the model predicted them (the
-    sampler feeds x̂_prev the same way).
+    Conditional rows (§2, §5, §6): the clean source stays in place in z and in the decode input, never
+    noised, and out of the loss; the self-conditioning input of denoise rows holds the clean source at the
+    source positions in passes A, B and the gradient pass (authors' code; the sampler does the same); rows
+    with `cond_dropped` have their source set to 0 in x, z and c.
 
     Choices made here (same math as the paper's batched version, less compute):
     - Passes A and B run only on the rows that use them (denoise rows with m = 1): for m = 0 the target is
-      v_true and c = 0, so their A/B results would be multiplied by 0. They are always called (possibly on 0
-      rows) so wrappers that expect one call sequence per rank see the same calls.
+      v_true and c holds no x̂_A (only the clean source, if any), so their A/B results would be multiplied
+      by 0. They are always called (possibly on 0 rows) so wrappers that expect one call sequence per rank
+      see the same calls.
     - Decode rows reuse the row's ε (a row is never both kinds, so the draws stay independent) and get the
       row's sampled w as guidance input, so the decode head learns to ignore w whatever the sampler passes.
     The random draws come from `draws` (see `draw_noise_per_row`) or, when None, from `generator`.
@@ -211,23 +212,27 @@ def elf_loss(
     z_dec = torch.where(source, x, decode_corruption(x, eps, keep, cfg.decode_noise_scale))
     v_target = velocity_target(x, eps, cfg.noise_scale)
 
+    # §5/§6 self-conditioning input c: the clean source at source positions (0 where the condition is
+    # dropped, as x is there), else 0 (pass A, m = 0) or x̂_A (pass B, m = 1).
+    self_cond = torch.where(source, x, torch.zeros_like(x))
+
     # §6 self-conditioning CFG: passes A and B (no grad) on the denoise rows with m = 1.
-    self_cond = torch.zeros_like(x)
     sc_rows = (~is_decode & m).nonzero().squeeze(1)
     with torch.no_grad():
-        z_sc, t_sc, w_sc = z_t[sc_rows], t[sc_rows], w[sc_rows]
+        z_sc, t_sc, w_sc, source_sc = z_t[sc_rows], t[sc_rows], w[sc_rows], source[sc_rows]
         no_decode = torch.zeros(len(sc_rows), dtype=torch.bool, device=device)
-        x_hat_a, _ = model(z_sc, torch.zeros_like(z_sc), t_sc, w_sc, no_decode, return_logits=False)
+        x_hat_a, _ = model(z_sc, self_cond[sc_rows], t_sc, w_sc, no_decode, return_logits=False)
         x_hat_a = x_hat_a.float()
-        c_sc = x_hat_a.masked_fill(dropped_source[sc_rows][..., None], 0.0)
+        c_sc = torch.where(source_sc, x[sc_rows], x_hat_a)
         x_hat_b, _ = model(z_sc, c_sc, t_sc, w_sc, no_decode, return_logits=False)
         v_a = x_to_v(x_hat_a, z_sc, t_sc, cfg.min_denom)
         v_b = x_to_v(x_hat_b.float(), z_sc, t_sc, cfg.min_denom)
         v_target[sc_rows] = sc_cfg_target(v_target[sc_rows], v_a, v_b, m[sc_rows], w_sc)
         self_cond[sc_rows] = c_sc
 
-    # One gradient forward for both kinds of rows.
+    # One gradient forward for both kinds of rows. Decode rows get c = 0 everywhere (§4, authors' code).
     row_decode = is_decode[:, None, None]
+    self_cond = self_cond.masked_fill(row_decode, 0.0)
     z_in = torch.where(row_decode, z_dec, z_t)
     t_in = torch.where(is_decode, torch.ones_like(t), t)
     # return_logits=True even with no decode row: the decode head then stays in the graph (0 gradient), so

@@ -5,8 +5,8 @@ number of network evaluations and the wall time per sample; for seq2seq also the
 reference. Evaluation (`elf/evaluate.py`) reads only this file, so sampling and scoring stay decoupled.
 
 Conditional rows use the training layout (elf-method §2): [source ; target region] of `max_length`
-positions, the clean source kept in place; the text is what the model writes after the source, cut at the
-first EOS.
+positions, the clean source kept in place; the text is what the model writes after the source, at most
+max_length − max_input_length tokens (§7), cut at the first EOS.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from elf.data.tokens import is_blank
 from elf.encoders import FrozenEncoder, load_encoder
 from elf.errors import ElfError
 from elf.model import load_model
-from elf.sample import SamplerConfig, generate, ids_to_texts, source_starts
+from elf.sample import SamplerConfig, generate, ids_to_texts, output_length, source_starts
 
 
 def load_trained(model_dir: Path, dataset: str, encoder_dir: Path, tokenizer_dir: Path, device: torch.device):
@@ -106,7 +106,8 @@ def sample_dataset(name: str, dataset: DatasetConfig, settings: SampleConfig, mo
             else:
                 out = generate(model, encoder.dim, dataset.max_length, settings.batch_size, cfg, seed, device,
                                source=x_src, source_mask=source_mask)
-                texts = ids_to_texts(out.ids, tokenizer, start=source_starts(source_mask))
+                texts = ids_to_texts(out.ids, tokenizer, start=source_starts(source_mask),
+                                     max_tokens=output_length(dataset.max_length, dataset.max_input_length))
                 extra = [{"source": s, "reference": r} for s, r in zip(source_texts, references, strict=True)]
             per_sample = out.seconds / max(len(texts), 1)
             for index, (text, more) in enumerate(zip(texts, extra, strict=True)):

@@ -134,7 +134,8 @@ def gen_ppl(
     """§9 Gen PPL: exp(Σ NLL / Σ counted tokens) over all samples together, with mean unigram entropy.
 
     Protocol, step by step:
-    1. Empty texts (and texts the judge tokenizer maps to no token) are skipped and counted as skipped.
+    1. Empty texts — whose stripped text is empty, as the authors' evaluator decides — and texts the judge
+       tokenizer maps to no token are skipped and counted as skipped.
     2. Each text is retokenised with the judge tokenizer, no special tokens added (no BOS), truncated to
        `max_length` tokens.
     3. EOS rule. §9 pads with EOS (pad = EOS) and counts "every non-EOS token plus the first EOS". We apply
@@ -154,7 +155,7 @@ def gen_ppl(
         raise ElfError("gen_ppl: the judge tokenizer has no EOS token")
     if batch_size < 1 or max_length < 2:
         raise ElfError(f"gen_ppl: batch_size must be >= 1 and max_length >= 2 (got {batch_size}, {max_length})")
-    nonempty = [text for text in texts if text]
+    nonempty = [text for text in texts if text.strip()]
     encoded = judge_tokenizer(nonempty, add_special_tokens=False, truncation=True,
                               max_length=max_length)["input_ids"] if nonempty else []
     samples = [ids for ids in encoded if ids]
@@ -196,12 +197,15 @@ def gen_ppl(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def oracle_ppl(texts: Sequence[str], grammar) -> dict:
+def oracle_ppl(texts: Sequence[str], grammar, stream: bool = False) -> dict:
     """Per-word perplexity of texts under the demo grammar: exp(−Σ log p / Σ (words + 1)).
 
-    Same formula as `elf.data.demo.oracle_perplexity` (the +1 is the end-of-document event). A text the
-    grammar cannot produce — an empty text included — has log p = −inf. Rather than let one such text make
-    the whole number infinite, we report:
+    Same formula as `elf.data.demo.oracle_perplexity` (the +1 is the end-of-document event).
+    `stream` (for models trained on rows packed across documents, `tokenize.packing: paragraphs`): a text
+    is a stream of documents with no separator, scored by `Grammar.log_prob_stream` = log P(the document
+    stream begins with these words and a document ends right after them); otherwise one document each.
+    A text the grammar cannot produce — an empty text included — has log p = −inf. Rather than let one
+    such text make the whole number infinite, we report:
       ppl               over all texts; None (JSON null) when some text is impossible (finite_fraction < 1),
       ppl_finite_only   over the texts with finite log p; None when there is none,
       finite_fraction   share of texts with finite log p (a quality figure of its own),
@@ -210,8 +214,9 @@ def oracle_ppl(texts: Sequence[str], grammar) -> dict:
     if not texts:
         raise ElfError("oracle_ppl: no texts to score")
     finite_logp, finite_events, finite_texts = 0.0, 0, 0
+    score = grammar.log_prob_stream_text if stream else grammar.log_prob_text
     for text in texts:
-        logp, n_words = grammar.log_prob_text(text)
+        logp, n_words = score(text)
         if math.isfinite(logp):
             finite_logp += logp
             finite_events += n_words + 1

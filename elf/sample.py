@@ -161,9 +161,9 @@ def _predict(denoiser: Denoiser, z: Tensor, x_prev: Tensor, t: float | Tensor, c
              source_mask: Tensor | None) -> Tensor:
     """x̂ for one step: one pass, or with input-CFG (§6) x̂_u + ω(x̂_c − x̂_u).
 
-    The conditional pass sees z (clean source in place) and x̂_prev as predicted, source positions included —
-    the trainer feeds self-conditioning that way. The unconditional pass sees the source positions of z and
-    of x̂_prev zeroed, as in the condition-dropped training rows.
+    The conditional pass sees z and x̂_prev with the clean source in place (authors' code; the trainer feeds
+    self-conditioning that way). The unconditional pass sees the source positions of z and of x̂_prev zeroed,
+    as in the condition-dropped training rows.
     """
     b = z.shape[0]
     t_rows = torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(b)
@@ -190,7 +190,8 @@ def sample_embeddings(
       ODE: x̂ = net([z, x̂_prev], t, w); v = (x̂ − z)/max(1 − t, 0.05); z ← z + (t' − t)·v.
       SDE: α = clip(1 − γ(t' − t), 0, 1); t_b = α·t; z_b = α·z + (1 − α)·s·ε' (source restored);
            x̂ = net([z_b, x̂_prev], t_b, w); v = (x̂ − z_b)/max(1 − t_b, 0.05); z ← z_b + (t' − t_b)·v.
-    Then x̂_prev ← x̂ (the guided x̂ when input-CFG is on) and the clean source is restored in z.
+    Then x̂_prev ← x̂ (the guided x̂ when input-CFG is on). Conditional rows: the clean source is restored
+    in z and in x̂_prev after every step, and x̂_prev starts as [clean source ; 0] (authors' code).
     The evaluation count includes the decode pass the caller runs next (`decode_tokens`).
     """
     _check_source(shape, source, source_mask)
@@ -205,7 +206,7 @@ def sample_embeddings(
         return z if source is None else torch.where(keep_source, source, z)
 
     z = restore(s * torch.randn(shape, generator=generator, device=device))  # §7 prior z₀ = s·N(0, I)
-    x_prev = torch.zeros(shape, device=device)
+    x_prev = restore(torch.zeros(shape, device=device))
     grid = time_grid(cfg, generator).tolist()
     for i in range(cfg.steps):
         t, t_next = grid[i], grid[i + 1]
@@ -219,7 +220,7 @@ def sample_embeddings(
         x_hat = _predict(denoiser, z_b, x_prev, t_b, cfg, source_mask)
         v = (x_hat - z_b) / max(1.0 - t_b, cfg.min_denom)  # §3 x-prediction → velocity
         z = restore(z_b + (t_next - t_b) * v)
-        x_prev = x_hat
+        x_prev = restore(x_hat)
     return z, cfg.network_evaluations(conditional=source is not None)
 
 
@@ -229,15 +230,18 @@ def sample_embeddings(
 
 
 @torch.no_grad()
-def decode_tokens(model: torch.nn.Module, z: Tensor, source_mask: Tensor | None = None) -> Tensor:
+def decode_tokens(model: torch.nn.Module, z: Tensor, guidance: float, source_mask: Tensor | None = None) -> Tensor:
     """§4: one decode pass at t = 1 (decode mode, self-conditioning zeros), argmax → ids [B, L] (long).
 
-    w is fixed at 1.0: decode rows were trained with random w, so the head ignores it. Source positions
-    (conditional rows) are set to PAD_ID: they were given, not generated, and PAD is dropped on decoding.
+    `guidance` is the sampler's SC-CFG scale w, fed to the guidance tokens as in the authors' code (decode
+    rows are trained with random w). The self-conditioning input is 0 everywhere, source positions included,
+    as in the authors' decode pass and decode training rows. Source positions (conditional rows) are set to
+    PAD_ID: they were given, not generated, and PAD is dropped on decoding.
     """
     b = z.shape[0]
     ones = torch.ones(b, device=z.device)
-    _, logits = model(z, torch.zeros_like(z), ones, ones, torch.ones(b, dtype=torch.bool, device=z.device),
+    w = torch.full((b,), float(guidance), device=z.device)
+    _, logits = model(z, torch.zeros_like(z), ones, w, torch.ones(b, dtype=torch.bool, device=z.device),
                       return_logits=True)
     ids = logits.argmax(dim=-1)
     if source_mask is not None:
@@ -246,9 +250,13 @@ def decode_tokens(model: torch.nn.Module, z: Tensor, source_mask: Tensor | None 
 
 
 def ids_to_texts(ids: Tensor | Sequence[Sequence[int]], tokenizer, start: int | Sequence[int] | Tensor = 0,
-                 eos_id: int = EOS_ID) -> list[str]:
-    """Generated text of each row: ids from `start` (per row: after the source), cut at the first EOS (§4),
-    decoded with skip_special_tokens."""
+                 max_tokens: int | None = None, eos_id: int = EOS_ID) -> list[str]:
+    """Generated text of each row: at most `max_tokens` ids from `start` (per row: after the source), cut at the
+    first EOS (§4), decoded with skip_special_tokens.
+
+    Conditional tasks cap the output at max_length − max_input_length tokens after the source (§7; 64 for
+    WMT14 and XSum, as the authors' code does), whatever the source's length.
+    """
     rows = ids.tolist() if isinstance(ids, Tensor) else [list(row) for row in ids]
     starts = start.tolist() if isinstance(start, Tensor) else start
     starts = [starts] * len(rows) if isinstance(starts, int) else list(starts)
@@ -256,11 +264,16 @@ def ids_to_texts(ids: Tensor | Sequence[Sequence[int]], tokenizer, start: int | 
         raise ElfError(f"ids_to_texts: {len(starts)} start positions for {len(rows)} rows")
     texts = []
     for row, first in zip(rows, starts, strict=True):
-        generated = row[int(first):]
+        generated = row[int(first):][:max_tokens]
         if eos_id in generated:
             generated = generated[: generated.index(eos_id)]
         texts.append(tokenizer.decode(generated, skip_special_tokens=True))
     return texts
+
+
+def output_length(max_length: int, max_input_length: int) -> int:
+    """§7: a conditional model writes max_length − max_input_length tokens (64 for WMT14 and XSum)."""
+    return max_length - max_input_length
 
 
 def source_starts(source_mask: Tensor) -> Tensor:
@@ -321,6 +334,6 @@ def generate(
             mask = None if source_mask is None else source_mask[rows].to(device)
             n = rows.stop - rows.start
             z, _ = sample_embeddings(denoiser, (n, length, encoder_dim), cfg, generator, src, mask)
-            outputs.append(decode_tokens(model, z, mask).cpu())
+            outputs.append(decode_tokens(model, z, cfg.guidance, mask).cpu())
             bar.update(n)
     return Generation(torch.cat(outputs), nfe, time.perf_counter() - began)

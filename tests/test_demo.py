@@ -57,6 +57,63 @@ def test_forward_algorithm_matches_enumeration_and_sums_to_one(lexicon, max_sent
     assert g.log_prob([]) == -math.inf  # a document has at least one sentence
 
 
+def segmentations(words: tuple[str, ...], documents) -> list[list[tuple[str, ...]]]:
+    """Every way to cut `words` into consecutive pieces that are all documents, enumerated explicitly."""
+    if not words:
+        return [[]]
+    return [[words[:i], *rest] for i in range(1, len(words) + 1) if words[:i] in documents
+            for rest in segmentations(words[i:], documents)]
+
+
+@pytest.mark.parametrize(("lexicon", "max_sentences", "max_adjectives"),
+                         [(TINY_FULL, 1, 1), (TINY_SHORT, 2, 0)])
+def test_stream_likelihood_matches_enumeration_of_segmentations(lexicon, max_sentences, max_adjectives):
+    """log_prob_stream = log Σ over segmentations into documents × hidden paths of Π P(document)."""
+    g = demo.build_grammar(5, max_sentences, max_adjectives=max_adjectives, lexicon=lexicon)
+    total, _ = enumerate_documents(g)
+    docs = sorted(total)
+    rng = np.random.default_rng(0)
+    several = 0
+    for _ in range(150):
+        words = tuple(w for k in rng.integers(len(docs), size=rng.integers(1, 4)) for w in docs[k])
+        cuts = segmentations(words, total)
+        expected = math.fsum(math.prod(total[piece] for piece in cut) for cut in cuts)
+        assert math.exp(g.log_prob_stream(words)) == pytest.approx(expected, rel=1e-9)
+        assert g.log_prob_stream(words) >= g.log_prob(words)
+        several += len(cuts) > 1
+    # One-sentence documents split only one way; with two sentences most streams split in several ways.
+    assert several > 50 if max_sentences > 1 else several == 0
+    assert g.log_prob_stream(["the", "."]) == g.log_prob_stream([]) == -math.inf
+    # A document that ends mid-sentence is not a complete document, alone or in a stream.
+    assert g.log_prob_stream([*docs[0], *docs[1][:-1]]) == -math.inf
+
+
+def test_stream_of_sampled_documents(grammar):
+    """Packed documents (no separator) get a finite stream likelihood even when no single document reads
+    like them; one document that cannot be split gets exactly `log_prob`."""
+    rng = np.random.default_rng(4)
+    docs = [grammar.sample_words(rng)[0] for _ in range(60)]
+    single = 0
+    for a, b in zip(docs[::2], docs[1::2], strict=True):
+        both = a + b
+        stream = grammar.log_prob_stream(both)
+        assert math.isfinite(stream) and stream >= grammar.log_prob(a) + grammar.log_prob(b) - 1e-9
+        if both.count(".") > 5:  # more sentences than one document of this grammar has
+            assert grammar.log_prob(both) == -math.inf
+            single += 1
+        else:
+            assert stream > grammar.log_prob(both)
+    assert single > 3
+    for words in docs:
+        if words.count(".") == 1:  # a document only ends after "." : one sentence has one segmentation
+            assert grammar.log_prob_stream(words) == pytest.approx(grammar.log_prob(words), rel=1e-12, abs=1e-12)
+        else:
+            assert grammar.log_prob_stream(words) > grammar.log_prob(words)
+    text = demo.words_to_text(docs[0] + docs[1])
+    assert grammar.log_prob_stream_text(text) == (grammar.log_prob_stream(docs[0] + docs[1]),
+                                                   len(docs[0]) + len(docs[1]))
+
+
 def test_log_prob_is_at_least_the_path_probability_and_equal_when_unambiguous(grammar):
     rng = np.random.default_rng(0)
     classes = defaultdict(set)
@@ -123,6 +180,11 @@ def test_oracle_perplexity(grammar):
     assert demo.oracle_perplexity(grammar, texts) == pytest.approx(expected)
     assert 1 < expected < 100
     assert demo.oracle_perplexity(grammar, [*texts, "the ."]) == math.inf
+    packed = [texts[i] + texts[i + 1] for i in range(0, 40, 2)]  # no separator, as packed lm rows are
+    scored = [grammar.log_prob_stream_text(t) for t in packed]
+    expected = math.exp(-sum(lp for lp, _ in scored) / sum(n + 1 for _, n in scored))
+    assert demo.oracle_perplexity(grammar, packed, stream=True) == pytest.approx(expected)
+    assert demo.oracle_perplexity(grammar, texts, stream=True) < demo.oracle_perplexity(grammar, texts)
 
 
 def test_german_lexicon_is_a_bijection():

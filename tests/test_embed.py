@@ -47,13 +47,14 @@ def lm_rows(count: int, length: int, seed: int) -> list[list[int]]:
 
 
 def seq2seq_rows(count: int, length: int, max_input: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    """(source, target) pairs as the tokenize stage writes them: each ends in EOS, together ≤ L."""
+    """(source, target) pairs as the tokenize stage writes them: the source without EOS, the target ending in
+    EOS, together ≤ L."""
     rng = np.random.default_rng(seed)
     pairs = []
     for _ in range(count):
-        ls = int(rng.integers(2, max_input + 1))
+        ls = int(rng.integers(1, max_input + 1))
         lt = int(rng.integers(2, length - ls + 1))
-        pairs.append(([int(t) for t in rng.integers(2, VOCAB, ls - 1)] + [EOS_ID],
+        pairs.append(([int(t) for t in rng.integers(2, VOCAB, ls)],
                       [int(t) for t in rng.integers(2, VOCAB, lt - 1)] + [EOS_ID]))
     return pairs
 
@@ -73,7 +74,7 @@ def write_tokens(split_dir: Path, rows: list, max_length: int, max_input_length:
         columns = [piece] if task == "lm" else [[p[0] for p in piece], [p[1] for p in piece]]
         writer.write(pa.Table.from_arrays([pa.array(c, TOKEN_TYPE) for c in columns], schema=schema))
     shards = writer.close()
-    manifest = {"format": "elf-tokens/1", "dataset": "ds", "split": split_dir.name, "task": task, "columns": names,
+    manifest = {"format": "elf-tokens/2", "dataset": "ds", "split": split_dir.name, "task": task, "columns": names,
                 "max_length": max_length, "max_input_length": max_input_length, "tokenizer_hash": tokenizer_hash,
                 "vocab_size": vocab_size, "pad_id": 0, "eos_id": 1, "rows": sum(s["rows"] for s in shards),
                 "tokens": sum(s["tokens"] for s in shards), "shards": shards}

@@ -96,8 +96,24 @@ def test_conditional_mask_shape_and_rows():
     assert kept[0] == [1, 1, 0, 0, 0, 0]  # source → source only
     assert kept[2] == [1, 1, 1, 1, 0, 0]  # target → every valid token
     assert dropped[2] == [0, 0, 1, 1, 0, 0]  # condition dropped: target → target only
-    assert kept[5] == [0, 0, 0, 0, 0, 1]  # padding query → itself only (no fully masked row)
+    assert kept[5] == [1, 1, 1, 1, 0, 0]  # EOS padding query → every valid token; padding is never a key
+    assert dropped[5] == [0, 0, 1, 1, 0, 0]
+    assert not mask[:, :, 4:].any()
     assert mask.any(dim=-1).all()
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_target_embeddings_do_not_depend_on_the_padding_length(pretrained, drop):
+    """The same [source ; target] pair laid out at two max_lengths: only the EOS padding differs (authors' code:
+    padding is never an attention key), so source and target embeddings must agree."""
+    from elf.data.layout import stack_seq2seq
+
+    source, target = [5, 9, 13, 4], [21, 8, 30, 1]
+    drop_condition = torch.tensor([drop])
+    short, long = (pretrained.encode_conditional(*stack_seq2seq([source], [target], length), drop_condition)
+                   for length in (12, 24))
+    torch.testing.assert_close(short[:, :8], long[:, :8], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short[:, 8:], long[:, 8:12], atol=1e-5, rtol=1e-5)  # padding embeddings too
 
 
 @pytest.mark.parametrize("drop", [False, True])

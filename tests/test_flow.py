@@ -155,6 +155,31 @@ def test_source_positions_are_clean_in_every_model_input_and_zero_when_dropped()
     assert torch.equal(grad_pass["c"][dec], torch.zeros_like(grad_pass["c"][dec]))
 
 
+def test_self_conditioning_input_holds_the_clean_source_in_every_pass():
+    """Authors' code: c = [clean source ; 0] in pass A, [clean source ; x̂_A] in pass B and the gradient pass
+    (m = 1), [clean source ; 0] for m = 0; zeros at a dropped source; decode rows c = 0 everywhere."""
+    x, loss_mask, source, dropped, tokens = batch(conditional=True)
+    model = Recorder(small_model())
+    cfg = ObjectiveConfig(decode_prob=0.5, self_cond_prob=0.5)
+    elf_loss(model, x, loss_mask, source, dropped, tokens, cfg, gen(7))
+    pass_a, pass_b, grad_pass = model.calls
+    # Rows of the A/B sub-batch, found by their z in the gradient pass.
+    sc_rows = [next(i for i in range(B) if torch.equal(grad_pass["z"][i], z)) for z in pass_a["z"]]
+    assert sc_rows and len(sc_rows) < int((~grad_pass["decode"]).sum())  # some m = 1 and some m = 0 rows
+    for j, i in enumerate(sc_rows):
+        clean = torch.zeros(3, D) if dropped[i] else x[i, :3]
+        assert torch.equal(pass_a["c"][j, :3], clean) and torch.equal(pass_a["c"][j, 3:], torch.zeros(L - 3, D))
+        assert torch.equal(pass_b["c"][j, :3], clean) and pass_b["c"][j, 3:].abs().sum() > 0
+        assert torch.equal(grad_pass["c"][i], pass_b["c"][j])
+    for i in range(B):
+        if grad_pass["decode"][i]:
+            assert torch.equal(grad_pass["c"][i], torch.zeros(L, D))
+        elif i not in sc_rows:  # m = 0
+            clean = torch.zeros(3, D) if dropped[i] else x[i, :3]
+            assert torch.equal(grad_pass["c"][i, :3], clean)
+            assert torch.equal(grad_pass["c"][i, 3:], torch.zeros(L - 3, D))
+
+
 def test_source_positions_do_not_enter_the_loss():
     args = batch(conditional=True)
 

@@ -79,14 +79,15 @@ def test_batch_layout_equals_the_row_layout_of_elf_method_section_2():
         expected_ids, expected_valid = layout_lm(row, L)
         assert ids[i].tolist() == expected_ids.tolist() and valid[i].tolist() == expected_valid.tolist()
     assert ids[0].tolist() == [5, 6, 1] + [0] * (L - 3)  # right-padded with pad
-    sources, targets = [[3, 4, 1], [7, 1], [9] * 7 + [1]], [[8, 1], [5] * 25 + [1], [6, 1]]
+    sources, targets = [[3, 4, 2], [7, 2], [9] * 8], [[8, 1], [5] * 25 + [1], [6, 1]]  # sources have no EOS
     ids, source_mask, valid = stack_seq2seq(sources, targets, L)
-    assert valid.all()
+    assert valid.sum(1).tolist() == [5, L, 10]  # source + target; the EOS padding is not valid
     for i, (source, target) in enumerate(zip(sources, targets, strict=True)):
         expected = layout_seq2seq(source, target, L)
         assert ids[i].tolist() == expected[0].tolist() and source_mask[i].tolist() == expected[1].tolist()
-    assert ids[0].tolist() == [3, 4, 1, 8, 1] + [1] * (L - 5)  # no separator, EOS padding
-    assert ids[1].tolist() == [7, 1] + [5] * (L - 2)  # a too-long target is cut at L
+        assert valid[i].tolist() == expected[2].tolist()
+    assert ids[0].tolist() == [3, 4, 2, 8, 1] + [1] * (L - 5)  # no separator, EOS padding
+    assert ids[1].tolist() == [7, 2] + [5] * (L - 2)  # a too-long target is cut at L
     with pytest.raises(ValueError, match="more than max_length"):
         stack_lm([[2] * (L + 1)], L)
     with pytest.raises(ValueError, match="no target room"):
@@ -97,7 +98,8 @@ def test_batches_have_the_documented_shapes_and_masks(data):
     batch = next(loader(data, "s2s"))
     assert batch["input_ids"].shape == (7, L) and batch["input_ids"].dtype == torch.long
     assert batch["x"].shape == (7, L, 32) and batch["x"].dtype == torch.float32
-    assert batch["valid_mask"].all() and torch.equal(batch["loss_mask"], ~batch["source_mask"])
+    assert torch.equal(batch["loss_mask"], ~batch["source_mask"])  # EOS padding included
+    assert (batch["valid_mask"] | batch["loss_mask"]).all() and not batch["valid_mask"].all()
     assert batch["cond_dropped"].shape == (7,) and batch["cond_dropped"].dtype == torch.bool
     batch = next(loader(data, "lm"))
     assert not batch["cond_dropped"].any() and not batch["source_mask"].any()

@@ -14,6 +14,7 @@ from elf.sample import (
     ids_to_texts,
     logit_normal_grid,
     model_denoiser,
+    output_length,
     sample_embeddings,
     source_starts,
     uniform_grid,
@@ -186,8 +187,11 @@ def test_unconditional_pass_zeros_the_source_in_z_and_self_conditioning():
         assert torch.equal(cond["z"][mask], source[mask])  # the clean source, never noised (SDE included)
         assert torch.all(uncond["z"][mask] == 0) and torch.all(uncond["x_prev"][mask] == 0)
         assert torch.equal(uncond["z"][~mask], cond["z"][~mask]) and torch.equal(cond["t"], uncond["t"])
-    # Self-conditioning of the conditional pass keeps its source positions as predicted.
-    assert not torch.all(conditional[1]["x_prev"][mask] == 0)
+    # Self-conditioning of the conditional pass holds the clean source at the source positions (authors' code),
+    # from the first step on.
+    for cond in conditional:
+        assert torch.equal(cond["x_prev"][mask], source[mask])
+    assert torch.all(conditional[0]["x_prev"][~mask] == 0) and not torch.all(conditional[1]["x_prev"][~mask] == 0)
 
 
 @pytest.mark.parametrize("kind", ["ode", "sde"])
@@ -287,12 +291,14 @@ def test_decode_pass_is_argmax_at_t_one_in_decode_mode(tiny_model):
     spy = Spy(tiny_model)
     z = torch.randn(3, 7, D)
     _, mask = conditional_inputs(b=3, length=7, d=D, n_source=2)
-    ids = decode_tokens(spy, z, mask)
+    ids = decode_tokens(spy, z, 3.0, mask)
     (args, _), = spy.calls
-    _, self_cond, t, _, decode = args
+    _, self_cond, t, w, decode = args
     assert torch.all(self_cond == 0) and torch.all(t == 1) and decode.all()
+    assert torch.all(w == 3.0)  # the sampler's SC-CFG scale, as the authors' decode pass
     with torch.no_grad():
-        _, logits = tiny_model(z, torch.zeros_like(z), torch.ones(3), torch.ones(3), torch.ones(3, dtype=torch.bool))
+        _, logits = tiny_model(z, torch.zeros_like(z), torch.ones(3), torch.full((3,), 3.0),
+                               torch.ones(3, dtype=torch.bool))
     expected = logits.argmax(-1)
     assert ids.shape == (3, 7) and ids.dtype == torch.long
     assert torch.equal(ids[:, 2:], expected[:, 2:])
@@ -324,6 +330,26 @@ def test_texts_are_cut_at_the_first_eos_after_the_source(t5_tokenizer):
     assert source_starts(mask).tolist() == [0, len(source)]
     with pytest.raises(ElfError, match="start positions"):
         ids_to_texts(ids, tok, start=[0])
+
+
+def test_conditional_output_is_capped_after_the_source(t5_tokenizer):
+    """§7: max_length − max_input_length tokens after the source, whatever the source's length, then the EOS cut."""
+    tok = t5_tokenizer
+    words = tok("A dog sees the cat. Anna walks. The red ball.", add_special_tokens=False).input_ids
+    for n_source in (2, 5):
+        row = [7] * n_source + words + [EOS_ID]
+        for cap in (3, len(words) + 4):
+            text, = ids_to_texts([row], tok, start=[n_source], max_tokens=cap)
+            assert text == tok.decode(words[:cap], skip_special_tokens=True)
+    assert output_length(128, 64) == 64 and output_length(1088, 1024) == 64
+
+
+def test_generate_passes_the_sampler_guidance_to_the_decode_pass(tiny_model):
+    spy = Spy(tiny_model)
+    generate(spy, D, 6, batch=2, cfg=SamplerConfig(kind="ode", steps=2, guidance=2.5), seed=0, device="cpu",
+             num_samples=2, progress=False)
+    (args, _) = spy.calls[-1]
+    assert args[4].all() and torch.all(args[3] == 2.5)
 
 
 def test_generate_is_reproducible_and_batches(tiny_model):

@@ -6,7 +6,8 @@ deterministically from a seed, with moderate entropy so that a tiny model learns
 * **LM** (for OpenWebText): documents sampled from a `Grammar`, a hidden Markov model (weighted finite
   automaton) whose hidden states are sentence-template slots (determiner, adjective, noun, verb, ...).
   `Grammar.log_prob` is the *exact* likelihood of a word sequence (forward algorithm), so generated text
-  can be scored against the true distribution (`oracle_perplexity`).
+  can be scored against the true distribution (`oracle_perplexity`); `Grammar.log_prob_stream` scores a
+  stream of documents packed with no separator (lm rows packed across documents).
 * **Translation** (for WMT14 De→En): English sentences from a fixed grammar; the source is the English
   mapped word by word through an invented pseudo-German lexicon and reordered (verbs last, adjectives after
   their noun). The map is invertible: `translate_source_to_target` recovers the target exactly.
@@ -275,13 +276,28 @@ class Grammar:
         there). Sequences the grammar cannot produce get -inf; so does the empty document, because every
         document has at least one sentence.
         """
+        return self._forward(words, stream=False)
+
+    def log_prob_stream(self, words: Sequence[str]) -> float:
+        """Exact log-probability that a stream of documents (packed with no separator, as lm rows are under
+        `tokenize.packing: paragraphs`) begins with these words and a document ends right after them.
+
+        = log Σ over all segmentations of the words into ≥ 1 complete documents of Π P(document): the
+        forward algorithm with transitions trans + outer(end, start) (a document may end at any state that
+        can end one and the next document start), and the final `end` factor. At least `log_prob(words)`;
+        equal when the words split into documents only one way (as themselves). Same floors as `log_prob`.
+        """
+        return self._forward(words, stream=True)
+
+    def _forward(self, words: Sequence[str], stream: bool) -> float:
         if not words:
             return -math.inf
         alpha = self.start
         logp = 0.0
         for i, word in enumerate(words):
             if i:
-                alpha = self._transT @ alpha
+                moved = self._transT @ alpha
+                alpha = moved + self.start * float(self.end @ alpha) if stream else moved
             col = self._index.get(word)
             alpha = alpha * (self._emit_by_word[col] if col is not None else UNKNOWN_WORD_PROB)
             total = float(alpha.sum())
@@ -296,6 +312,11 @@ class Grammar:
         """(log-probability, number of words including "." tokens) of a rendered document."""
         words = text_to_words(text)
         return self.log_prob(words), len(words)
+
+    def log_prob_stream_text(self, text: str) -> tuple[float, int]:
+        """(`log_prob_stream`, number of words including "." tokens) of rendered, packed documents."""
+        words = text_to_words(text)
+        return self.log_prob_stream(words), len(words)
 
     # -- serialisation ---------------------------------------------------------------------------------------
 
@@ -475,15 +496,18 @@ def generate_lm(grammar: Grammar, seed: int, n: int) -> Iterator[str]:
         yield words_to_text(words)
 
 
-def oracle_perplexity(grammar: Grammar, texts: Iterable[str]) -> float:
+def oracle_perplexity(grammar: Grammar, texts: Iterable[str], stream: bool = False) -> float:
     """Per-word perplexity of texts under the true grammar: exp(-Σ log p / Σ (words + 1)).
 
     The +1 per text counts the end-of-document event, which `log_prob` includes. One ungrammatical text
     (log p = -inf) makes the result inf; unknown words only cost their `UNKNOWN_WORD_PROB` floor.
+    `stream`: score each text as packed documents (`log_prob_stream`: the stream begins with the text and
+    a document ends right after it), for models trained on rows packed across documents.
     """
+    score = grammar.log_prob_stream_text if stream else grammar.log_prob_text
     total_logp, total_events = 0.0, 0
     for text in texts:
-        logp, n_words = grammar.log_prob_text(text)
+        logp, n_words = score(text)
         total_logp += logp
         total_events += n_words + 1
     if total_events == 0:

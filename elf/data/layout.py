@@ -6,8 +6,10 @@ an online one are computed on exactly the same ids and masks.
 - lm (§2, unconditional): the row's tokens (≤ L, ending in EOS) right-padded with pad (id 0) to L.
   `valid_mask` marks the real tokens; the encoder sees only them and the losses ignore pads.
 - seq2seq (§2, conditional): [source ; target], no separator, truncated or padded to L *with EOS*.
-  Every position is valid (the EOS padding is part of the target and of the loss, so the model learns to
-  stop); `source_mask` marks the source, and the loss mask is every non-source position.
+  `valid_mask` marks source and target (its own EOS included): the encoder attends only to those keys, so
+  a target's embeddings do not depend on how much EOS padding follows (authors' code). The padding still
+  gets embeddings and is part of the loss (so the model learns to stop): the loss mask is every non-source
+  position. `source_mask` marks the source.
 
 Pads (a decision both data paths share): for lm rows the clean embedding x at pad positions is 0, in the
 cached and in the online path alike. The encoder output at a pad query is meaningless (the query attends
@@ -61,9 +63,10 @@ def source_length(source_ids: Ids, length: int) -> int:
 
 
 def layout_seq2seq(source_ids: Ids, target_ids: Ids, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One seq2seq row → (input_ids [L], source_mask [L], valid_mask [L] all True) (elf-method §2).
+    """One seq2seq row → (input_ids [L], source_mask [L], valid_mask [L]) (elf-method §2).
 
     [source ; target] with no separator; a too-long target is cut, a short one is padded with EOS.
+    valid_mask: source and target positions (not the EOS padding).
     """
     start = source_length(source_ids, length)
     target = np.asarray(target_ids, dtype=np.int64)[: length - start]
@@ -72,7 +75,9 @@ def layout_seq2seq(source_ids: Ids, target_ids: Ids, length: int) -> tuple[np.nd
     input_ids[start : start + len(target)] = target
     source_mask = np.zeros(length, dtype=bool)
     source_mask[:start] = True
-    return input_ids, source_mask, np.ones(length, dtype=bool)
+    valid_mask = np.zeros(length, dtype=bool)
+    valid_mask[: start + len(target)] = True
+    return input_ids, source_mask, valid_mask
 
 
 def stack_lm(rows: Sequence[Ids], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +98,10 @@ def stack_lm(rows: Sequence[Ids], length: int) -> tuple[torch.Tensor, torch.Tens
 def stack_seq2seq(
     sources: Sequence[Ids], targets: Sequence[Ids], length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """seq2seq rows → (input_ids [B, L] long, source_mask [B, L] bool, valid_mask [B, L] bool), vectorised."""
+    """seq2seq rows → (input_ids [B, L] long, source_mask [B, L] bool, valid_mask [B, L] bool), vectorised.
+
+    valid_mask marks source and target; the EOS padding after the target is not valid (never an attention key).
+    """
     if len(sources) != len(targets):
         raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
     starts = np.array([source_length(s, length) for s in sources], dtype=np.int64)
@@ -106,14 +114,14 @@ def stack_seq2seq(
         pieces = [p for s, t, start, end in zip(sources, targets, starts, ends, strict=True)
                   for p in (s, t[:end - start])]
         input_ids[filled] = np.concatenate(pieces)
-    valid_mask = torch.ones(len(sources), length, dtype=torch.bool)
-    return torch.from_numpy(input_ids), torch.from_numpy(source_mask), valid_mask
+    return torch.from_numpy(input_ids), torch.from_numpy(source_mask), torch.from_numpy(filled)
 
 
 def loss_mask(task: str, source_mask: torch.Tensor, valid_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count in the losses (elf-method §2): lm: valid tokens; seq2seq: every non-source position."""
+    """Positions that count in the losses (elf-method §2): lm: valid tokens; seq2seq: every non-source position
+    (the EOS padding included)."""
     if task == "lm":
         return valid_mask.clone()
     if task == "seq2seq":
-        return valid_mask & ~source_mask
+        return ~source_mask
     raise ValueError(f"unknown task '{task}' (expected one of {TASKS})")
