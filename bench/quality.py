@@ -20,6 +20,7 @@ import torch
 
 from elf import metrics
 from elf.config import load_config
+from elf.data.shards import read_manifest
 from elf.data.tokenizer import load_tokenizer
 from elf.evaluate import Scorer, reference_texts
 from elf.generation import load_trained
@@ -55,8 +56,8 @@ def main() -> None:
     dataset = config.datasets["owt"]
     model, _, encoder, tokenizer = load_trained(Path("models/owt/model"), "owt", Path("data/encoder"),
                                                 Path("data/tokenizer"), torch.device("cpu"))
-    scorer = Scorer(dataset, config.evaluate, Path("data/raw/owt"), load_tokenizer("data/tokenizer"), "cpu",
-                    config.tokenize.packing)
+    packing = read_manifest(Path("data/tokens/owt/train"))["packing"]
+    scorer = Scorer(dataset, config.evaluate, Path("data/raw/owt"), load_tokenizer("data/tokenizer"), "cpu", packing)
     torch.manual_seed(0)
     untrained = ELF(model.cfg).eval()
     held_out = scorer.score(reference_texts(Path("data/raw/owt"), args.samples * len(args.seeds)))

@@ -9,6 +9,7 @@ on stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -110,11 +111,16 @@ def _embed(args, config) -> None:
         print(f"embed {args.dataset}/{split}: {state}")
 
 
-def _train(args, config) -> None:
+def _train(args, config) -> int | None:
     from elf.data.shards import read_json
+    from elf.distributed import LAUNCHED_ENV, launch_torchrun, resolve_nproc
     from elf.train import TrainPaths, train
 
     dataset = config.dataset(args.dataset)
+    nproc = resolve_nproc(config.train.for_dataset(args.dataset).nproc_per_node)
+    if nproc > 1 and LAUNCHED_ENV not in os.environ:  # train.*.nproc_per_node: one worker per GPU
+        print(f"train {args.dataset}: launching torchrun --standalone --nproc-per-node {nproc}", flush=True)
+        return launch_torchrun(nproc, args.argv)
     embeddings = EMBEDDINGS_DIR / args.dataset / "train"
     cached = read_json(embeddings / "manifest.json", "embeddings manifest").get("cached", False)
     paths = TrainPaths(tokens=TOKENS_DIR / args.dataset / "train", embeddings=embeddings if cached else None,
@@ -140,9 +146,9 @@ def _sample(args, config) -> None:
 def _sample_interactively(args) -> None:
     import torch
 
-    from elf.data.tokens import truncate_pair
+    from elf.data.tokens import truncate_source
     from elf.generation import encode_sources, load_trained
-    from elf.sample import SamplerConfig, generate, ids_to_texts, output_length, source_starts
+    from elf.sample import SamplerConfig, conditional_texts, generate, ids_to_texts
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = Path(args.model)
@@ -156,13 +162,11 @@ def _sample_interactively(args) -> None:
     if meta["task"] == "seq2seq":
         if not args.source:
             raise ElfError(f"{model_dir}: a {meta['dataset']} model needs --source TEXT")
-        ids = tokenizer(args.source, add_special_tokens=False)["input_ids"]
-        ids, _, _ = truncate_pair(ids, [], meta["max_length"], meta["max_input_length"])  # as the tokenize stage
+        ids = truncate_source(tokenizer(args.source, add_special_tokens=False)["input_ids"], meta["max_input_length"])
         source, mask = encode_sources(encoder, [ids] * args.num, meta["max_length"])
         out = generate(model, encoder.dim, meta["max_length"], args.num, cfg, args.seed, device, source=source,
                        source_mask=mask, progress=False)
-        texts = ids_to_texts(out.ids, tokenizer, start=source_starts(mask),
-                             max_tokens=output_length(meta["max_length"], meta["max_input_length"]))
+        texts = conditional_texts(out.ids, tokenizer, mask, meta["max_length"], meta["max_input_length"])
     else:
         out = generate(model, encoder.dim, meta["max_length"], args.num, cfg, args.seed, device,
                        num_samples=args.num, progress=False)
@@ -172,14 +176,19 @@ def _sample_interactively(args) -> None:
 
 
 def _evaluate(args, config) -> None:
+    from elf.data.shards import read_manifest
     from elf.data.tokenizer import load_tokenizer
+    from elf.data.tokens import FORMAT as TOKENS_FORMAT
     from elf.evaluate import evaluate_dataset, log_report
 
     dataset = config.dataset(args.dataset)
     metrics_dir = METRICS_DIR / args.dataset
     samples = SAMPLES_DIR / f"{args.dataset}.jsonl"
+    # How the model's rows were packed (the oracle scores a sample as they were): what the data says, not
+    # what params.yaml says now.
+    packing = read_manifest(TOKENS_DIR / args.dataset / "train", TOKENS_FORMAT)["packing"]
     report = evaluate_dataset(args.dataset, dataset, config.evaluate, samples, RAW_DIR / args.dataset,
-                              load_tokenizer(TOKENIZER_DIR), metrics_dir, packing=config.tokenize.packing)
+                              load_tokenizer(TOKENIZER_DIR), metrics_dir, packing=packing)
     run_id_file = MODELS_DIR / args.dataset / "mlflow_run_id"
     if run_id_file.is_file():
         from elf.tracking import mlflow_run, register_candidate
@@ -276,16 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         if args.command == "config":
             _config(args, args.params)
         else:
             from elf.config import load_config
 
-            args.run(args, load_config(args.params))
+            code = args.run(args, load_config(args.params))
+            if code:
+                return code
     except ElfError as error:
+        from elf.distributed import record_worker_exit
+
         print(f"error: {error}", file=sys.stderr)
+        record_worker_exit(2)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ruamel.yaml.representer import RoundTripRepresenter
 
 from elf.errors import ElfError
 
@@ -260,6 +261,9 @@ class TrainSettings(_Strict):
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0)  # global batch, whatever the number of processes
     micro_batch_size: int | None = Field(default=None, gt=0)  # per process; None = batch / world (no accumulation)
+    # Processes on this machine: > 1 makes `elf train` launch `torchrun --standalone` (one per GPU); "auto" is
+    # one per visible GPU. The result does not depend on it (world-size-invariant batches and noise).
+    nproc_per_node: int | Literal["auto"] = 1
     optimizer: Literal["muon", "adamw"] = "muon"
     base_lr: float = Field(default=0.001, gt=0)  # lr = base_lr × batch_size / 256 (§8)
     lr: float | None = Field(default=None, gt=0)  # set to override the batch scaling
@@ -286,6 +290,8 @@ class TrainSettings(_Strict):
             check_shape({**PRESETS[self.preset], **self.model.overrides()})
         except ValueError as error:
             raise ValueError(f"model: {error}") from None
+        if self.nproc_per_node != "auto" and self.nproc_per_node < 1:
+            raise ValueError(f"nproc_per_node must be >= 1 or 'auto' (got {self.nproc_per_node})")
         if self.objective.guidance_high <= self.objective.guidance_low:
             raise ValueError("objective.guidance_high must exceed objective.guidance_low")
         return self
@@ -477,6 +483,18 @@ def _replace_list(current: list, value: list) -> None:
             current[i] = item
 
 
+def _null_as_null(representer, _):
+    return representer.represent_scalar("tag:yaml.org,2002:null", "null")
+
+
+class _NullAsNull(RoundTripRepresenter):
+    """Writes None as `null`, as params.yaml spells it (ruamel's default writes nothing). A subclass, so that
+    other YAML writers in the process keep ruamel's behaviour."""
+
+
+_NullAsNull.add_representer(type(None), _null_as_null)
+
+
 def apply_preset(name: str, params_path: str | Path = "params.yaml") -> Config:
     """Overlay `elf/presets/<name>.yaml` onto `params_path`, validate, then replace the file atomically."""
     from ruamel.yaml import YAML
@@ -485,11 +503,10 @@ def apply_preset(name: str, params_path: str | Path = "params.yaml") -> Config:
         raise ElfError(f"unknown preset '{name}' (available: {', '.join(available_presets())})")
     params_path = Path(params_path)
     round_trip = YAML()  # YAML 1.2, DVC's dialect; written in params.yaml's own layout
+    round_trip.Representer = _NullAsNull
     round_trip.preserve_quotes = True
     round_trip.indent(mapping=2, sequence=4, offset=2)
     round_trip.width = 4096  # never fold a flow mapping onto two lines
-    round_trip.representer.add_representer(
-        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
     with open(PRESETS_DIR / f"{name}.yaml", encoding="utf-8") as handle:
         overlay = round_trip.load(handle)  # round-trip objects: the preset's own styles travel with its values
     try:

@@ -54,9 +54,9 @@ def read_samples(path: Path, dataset: str) -> list[dict[str, Any]]:
 class Scorer:
     """Per-seed metrics of one dataset's texts, with the judge / grammar / tokenizer loaded once.
 
-    `packing` is the dataset's `tokenize.packing`: under `paragraphs` the model learned rows packed across
-    documents with no separator, so a sample is a stream of documents and the oracle scores it as one
-    (`Grammar.log_prob_stream`); under `documents` each sample is one document.
+    `packing` is how the model's training rows were packed (the tokens manifest): under `paragraphs` it learned
+    rows packed across documents with no separator, so a sample is a stream of documents and the oracle scores
+    it as one (`Grammar.log_prob_stream`); under `documents` each sample is one document.
     """
 
     def __init__(self, dataset: DatasetConfig, settings: EvaluateConfig, raw_dir: Path, tokenizer, device: str,
@@ -130,7 +130,7 @@ def evaluate_dataset(name: str, dataset: DatasetConfig, settings: EvaluateConfig
                      tokenizer, metrics_dir: Path, packing: str, device: str = "cpu") -> dict[str, Any]:
     """Score every sampler × seed, aggregate, write eval.json and the plots; returns the report.
 
-    `packing`: `config.tokenize.packing`, how the training rows were packed (see `Scorer`).
+    `packing`: how the training rows were packed, from the tokens manifest (see `Scorer`).
     """
     rows = read_samples(samples_path, name)
     scorer = Scorer(dataset, settings, raw_dir, tokenizer, device, packing)

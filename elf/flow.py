@@ -171,8 +171,9 @@ def elf_loss(
 
     Each row is a decode row (prob. 0.2) or a denoise row. Denoise rows follow §3/§6: t, ε, z_t, the
     self-conditioning coin m and the guidance scale w; no-grad pass A ([z, 0]) and pass B ([z, x̂_A]) give the
-    SC-CFG target; the gradient pass sees [z, m·x̂_A]. Decode rows follow §4: t = 1, decode mode, c = 0 and
-    the per-token corrupted input. Both kinds share one gradient forward. Loss = (Σ CE over decode-row loss
+    SC-CFG target; the gradient pass sees [z, m·x̂_A] (source positions of c: the clean source, see below).
+    Decode rows follow §4: t = 1, decode mode, c = 0 and the per-token corrupted input. Both kinds share one
+    gradient forward. Loss = (Σ CE over decode-row loss
     tokens + Σ channel-mean squared velocity error over denoise-row loss tokens) / #loss tokens in the batch.
 
     Conditional rows (§2, §5, §6): the clean source stays in place in z and in the decode input, never

@@ -23,11 +23,12 @@ from elf.config import DatasetConfig, SampleConfig
 from elf.data.layout import stack_seq2seq
 from elf.data.shards import iter_column, iter_parquet_batches, read_json
 from elf.data.tokenizer import load_tokenizer, tokenizer_hash
+from elf.data.tokens import FORMAT as TOKENS_FORMAT
 from elf.data.tokens import is_blank
 from elf.encoders import FrozenEncoder, load_encoder
 from elf.errors import ElfError
 from elf.model import load_model
-from elf.sample import SamplerConfig, generate, ids_to_texts, output_length, source_starts
+from elf.sample import SamplerConfig, conditional_texts, generate, ids_to_texts
 
 
 def load_trained(model_dir: Path, dataset: str, encoder_dir: Path, tokenizer_dir: Path, device: torch.device):
@@ -51,8 +52,8 @@ def conditional_inputs(tokens_dir: Path, raw_path: Path, limit: int) -> tuple[li
     References are the raw targets (not the truncated token ids); raw rows the tokenize stage skipped as
     blank are skipped here by the same rule, so the two stay aligned.
     """
-    sources = list(_take(iter_column(tokens_dir, "source_ids"), limit))
-    targets = list(_take(iter_column(tokens_dir, "target_ids"), limit))
+    sources = list(_take(iter_column(tokens_dir, "source_ids", expected_format=TOKENS_FORMAT), limit))
+    targets = list(_take(iter_column(tokens_dir, "target_ids", expected_format=TOKENS_FORMAT), limit))
     texts: list[tuple[str, str]] = []
     for batch in iter_parquet_batches(raw_path, ["source", "target"], 4096):
         for source, target in zip(batch.column("source").to_pylist(), batch.column("target").to_pylist(),
@@ -106,8 +107,8 @@ def sample_dataset(name: str, dataset: DatasetConfig, settings: SampleConfig, mo
             else:
                 out = generate(model, encoder.dim, dataset.max_length, settings.batch_size, cfg, seed, device,
                                source=x_src, source_mask=source_mask)
-                texts = ids_to_texts(out.ids, tokenizer, start=source_starts(source_mask),
-                                     max_tokens=output_length(dataset.max_length, dataset.max_input_length))
+                texts = conditional_texts(out.ids, tokenizer, source_mask, dataset.max_length,
+                                          dataset.max_input_length)
                 extra = [{"source": s, "reference": r} for s, r in zip(source_texts, references, strict=True)]
             per_sample = out.seconds / max(len(texts), 1)
             for index, (text, more) in enumerate(zip(texts, extra, strict=True)):

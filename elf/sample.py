@@ -271,9 +271,10 @@ def ids_to_texts(ids: Tensor | Sequence[Sequence[int]], tokenizer, start: int | 
     return texts
 
 
-def output_length(max_length: int, max_input_length: int) -> int:
-    """§7: a conditional model writes max_length − max_input_length tokens (64 for WMT14 and XSum)."""
-    return max_length - max_input_length
+def conditional_texts(ids: Tensor, tokenizer, source_mask: Tensor, max_length: int, max_input_length: int) -> list[str]:
+    """§7, conditional tasks: each row's text is the first max_length − max_input_length tokens after its source
+    (64 for WMT14 and XSum, as the authors' code does), cut at the first EOS. ids [N, L], source_mask [N, L]."""
+    return ids_to_texts(ids, tokenizer, start=source_starts(source_mask), max_tokens=max_length - max_input_length)
 
 
 def source_starts(source_mask: Tensor) -> Tensor:

@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from elf import checkpoint as ckpt
 from elf.config import DatasetConfig, TrainSettings
 from elf.data.loader import TrainLoader
-from elf.data.shards import read_json, write_json_atomic
+from elf.data.shards import read_json, read_manifest, write_json_atomic
+from elf.data.tokens import FORMAT as TOKENS_FORMAT
+from elf.distributed import Dist, all_reduce, barrier, init_distributed, shutdown
 from elf.encoders import load_encoder
 from elf.errors import ElfError
 from elf.flow import ObjectiveConfig, draw_noise_per_row, elf_loss
@@ -60,41 +61,6 @@ class TrainPaths:
         return self.out / "model"
 
 
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """One process, or the `torchrun` environment: NCCL on GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, device)
-
-
-def _all_reduce(values: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world > 1:
-        dist.all_reduce(values)
-    return values
-
-
-def _barrier(d: Dist) -> None:
-    if d.world > 1:
-        dist.barrier()
-
-
 def row_seed(seed: int, step: int, row: int) -> int:
     """The noise seed of one row of one global batch (independent of ranks and micro-batches)."""
     return ((seed * 1_000_003 + step) * 1_048_576 + row) % (2**63 - 1)
@@ -111,7 +77,7 @@ def micro_batches(settings: TrainSettings, world: int) -> tuple[int, int]:
     return local, micro
 
 
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "nproc_per_node")
 
 
 def run_fingerprint(dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths) -> str:
@@ -135,7 +101,7 @@ class Trainer:
     def __init__(self, name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths,
                  d: Dist):
         self.name, self.dataset, self.settings, self.seed, self.paths, self.d = name, dataset, settings, seed, paths, d
-        tokens_manifest = read_json(paths.tokens / "manifest.json", "tokens manifest")
+        tokens_manifest = read_manifest(paths.tokens, TOKENS_FORMAT)
         self.encoder = load_encoder(paths.encoder, expected_tokenizer_hash=tokens_manifest["tokenizer_hash"]).to(
             d.device)
         self.tokens_manifest = tokens_manifest
@@ -169,13 +135,14 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)  # §8; projections and heads stay fp32 (model.py)
         return contextlib.nullcontext()
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimisation step. Returns its statistics as 0-dim tensors on the device, so that a step costs
+        no host sync: the caller reads them (`read_stats`) only when it logs."""
         batch = next(self.loader)
         loss_mask = batch["loss_mask"] & ~batch["source_mask"]
         # Σ over the global batch of loss tokens: the shared denominator of §4, across ranks and micro-batches.
-        totals = _all_reduce(torch.tensor([float(loss_mask.sum())], device=self.d.device), self.d)
-        n_global = max(float(totals[0]), 1.0)
-        sums = torch.zeros(6, device=self.d.device)  # loss, mse·n, ce·n, correct, n_denoise, n_decode
+        n_global = all_reduce(loss_mask.sum().float().reshape(1), self.d)[0].clamp(min=1.0)
+        sums = torch.zeros(7, device=self.d.device)  # loss, mse·n, ce·n, correct, n_denoise, n_decode, tokens
         module = self.ddp or self.model
         length, dim = batch["x"].shape[1], batch["x"].shape[2]
         first_row = self.d.rank * self.local_batch
@@ -195,7 +162,7 @@ class Trainer:
             sums += torch.stack([
                 (loss * n_local).detach().float(), stats["mse"] * stats["denoise_tokens"],
                 stats["ce"] * stats["decode_tokens"], stats["acc"] * stats["decode_tokens"],
-                stats["denoise_tokens"].float(), stats["decode_tokens"].float(),
+                stats["denoise_tokens"].float(), stats["decode_tokens"].float(), mb["valid_mask"].sum().float(),
             ])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         self.optimizer.step()
@@ -203,15 +170,14 @@ class Trainer:
         self.scheduler.step()
         self.ema.update(self.model)
         self.step += 1
-        sums = _all_reduce(sums, self.d)
+        sums = all_reduce(sums, self.d)
         return {
-            "loss": float(sums[0]) / n_global,
-            "mse": float(sums[1]) / max(float(sums[4]), 1.0),
-            "ce": float(sums[2]) / max(float(sums[5]), 1.0),
-            "decode_acc": float(sums[3]) / max(float(sums[5]), 1.0),
-            "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
-            "tokens": float(_all_reduce(torch.tensor([float(batch["valid_mask"].sum())]), self.d)[0]),
+            "loss": sums[0] / n_global,
+            "mse": sums[1] / sums[4].clamp(min=1.0),
+            "ce": sums[2] / sums[5].clamp(min=1.0),
+            "decode_acc": sums[3] / sums[5].clamp(min=1.0),
+            "grad_norm": grad_norm.detach().float(),
+            "tokens": sums[6],
         }
 
     # -- checkpoints ----------------------------------------------------------------------------------------
@@ -222,7 +188,7 @@ class Trainer:
         if self.d.main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier(self.d)
+        barrier(self.d)
         ckpt.save_tensors(tmp / f"rank-{self.d.rank}-rng.safetensors", ckpt.rng_state())
         ckpt.write_json(tmp / f"rank-{self.d.rank}.json", {"loader": self.loader.state_dict()})
         if self.d.main:
@@ -235,28 +201,28 @@ class Trainer:
                 "ema": {"decay": ema["decay"], "num_updates": ema["num_updates"]}, "history": self.history,
                 "mlflow_run_id": self.mlflow_run_id, "fingerprint": self.fingerprint,
             })
-        _barrier(self.d)
+        barrier(self.d)
         if self.d.main:
             ckpt.finalise(root, self.step, self.settings.keep_checkpoints)
-        _barrier(self.d)
+        barrier(self.d)
 
     def resume(self) -> bool:
         """Restore the newest checkpoint, if any. A corrupt one is an error, not a fresh start."""
         if self.d.main:
             ckpt.clean_partial(self.paths.checkpoints)
-        _barrier(self.d)
+        barrier(self.d)
         found = ckpt.list_checkpoints(self.paths.checkpoints)
         past = [c for c in found if ckpt.checkpoint_step(c) > self.settings.steps]
         if past:
             # train.steps was lowered below what was trained: those checkpoints would finish the run at the
             # wrong step. Resume from an earlier one if kept, else from scratch.
-            _barrier(self.d)
+            barrier(self.d)
             if self.d.main:
                 print(f"train {self.name}: train.steps is {self.settings.steps}; removing "
                       f"{len(past)} checkpoint(s) past it in {self.paths.checkpoints}", file=sys.stderr)
                 for directory in past:
                     shutil.rmtree(directory)
-            _barrier(self.d)
+            barrier(self.d)
             found = found[: len(found) - len(past)]
         if not found:
             return False
@@ -266,13 +232,13 @@ class Trainer:
         if state.get("fingerprint") != self.fingerprint:
             # Not corruption: the inputs or settings changed (e.g. `dvc repro` after a params edit), so these
             # checkpoints belong to another run. Say so, and start that run from scratch.
-            _barrier(self.d)
+            barrier(self.d)
             if self.d.main:
                 print(f"train {self.name}: {self.paths.checkpoints} holds checkpoints of other data, encoder or "
                       f"settings (only {', '.join(RESUMABLE_CHANGES)} may change and still resume): "
                       "removing them and training from scratch", file=sys.stderr)
                 shutil.rmtree(self.paths.checkpoints)
-            _barrier(self.d)
+            barrier(self.d)
             return False
         try:
             self.model.load_state_dict(ckpt.load_tensors(directory / "model.safetensors"))
@@ -356,30 +322,35 @@ def train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int,
         target = settings.steps if stop_after is None else min(settings.steps, trainer.step + stop_after)
         progress = tqdm(total=settings.steps, initial=trainer.step, desc=f"train {name}", disable=not d.main,
                         mininterval=1.0)
-        window_tokens, window_start = 0.0, time.perf_counter()
+        window_tokens, window_start = torch.zeros((), device=d.device), time.perf_counter()
         while trainer.step < target:
-            metrics = trainer.train_step()
-            window_tokens += metrics.pop("tokens")
-            if trainer.step % settings.log_every == 0 or trainer.step == target:
-                elapsed = time.perf_counter() - window_start
-                metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
-                window_tokens, window_start = 0.0, time.perf_counter()
-                if not math.isfinite(metrics["loss"]):
-                    raise ElfError(f"train {name}: loss is {metrics['loss']} at step {trainer.step}; "
+            stats = trainer.train_step()
+            window_tokens += stats.pop("tokens")  # stays on the device: no sync until the next log line
+            log_now = trainer.step % settings.log_every == 0 or trainer.step == target
+            save_now = trainer.step % settings.checkpoint_every == 0 or trainer.step == target
+            if log_now or save_now:  # never checkpoint weights that a non-finite loss has spoilt
+                loss = float(stats["loss"])
+                if not math.isfinite(loss):
+                    raise ElfError(f"train {name}: loss is {loss} at step {trainer.step}; "
                                    "lower train.lr or check the data")
+            if log_now:
+                metrics = {k: float(v) for k, v in stats.items()}
+                metrics["lr"] = trainer.scheduler.get_last_lr()[0]
+                elapsed = time.perf_counter() - window_start
+                metrics["tokens_per_s"] = float(window_tokens) / max(elapsed, 1e-9)
+                window_tokens, window_start = torch.zeros((), device=d.device), time.perf_counter()
                 trainer.history.append({"step": trainer.step, **metrics})
                 if d.main:
                     mlflow.log_metrics(metrics, step=trainer.step)
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             progress.update(1)
-            if trainer.step % settings.checkpoint_every == 0 or trainer.step == target:
+            if save_now:
                 trainer.save_checkpoint()
         progress.close()
         if trainer.step < settings.steps:
             return {"step": trainer.step}
         result = _finish(trainer, run)
-    if d.world > 1:
-        dist.destroy_process_group()
+    shutdown(d)
     return result
 
 

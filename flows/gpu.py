@@ -62,19 +62,34 @@ def ensure_gpu_limit(slots: int | None = None, update: bool = False) -> int:
         return limit.limit
 
 
+def training_gpus(project, dataset: str) -> int:
+    """GPUs `train@<dataset>` uses: its `nproc_per_node` (`auto`: every GPU of this machine, at least 1)."""
+    from elf.config import load_config
+
+    setting = load_config(project / "params.yaml").train.for_dataset(dataset).nproc_per_node
+    return default_slots() if setting == "auto" else setting
+
+
 @contextlib.contextmanager
-def gpu_slot(dataset: str, step: str, logger) -> Iterator[None]:
-    """Hold one `gpu` slot for the body; log the wait and record the hold in the ledger."""
+def gpu_slot(dataset: str, step: str, logger, slots: int = 1) -> Iterator[None]:
+    """Hold `slots` slots of the `gpu` limit for the body (one per GPU the step uses); log the wait and
+    record the hold in the ledger. Asking for more slots than the limit has is an error, not a wait forever."""
     from prefect.concurrency.sync import concurrency
     from prefect.context import get_run_context
 
-    ensure_gpu_limit()
+    from flows.stages import PermanentStageError
+
+    limit = ensure_gpu_limit()
+    if slots > limit:
+        raise PermanentStageError(f"error: {step} {dataset} needs {slots} GPUs but the '{GPU_LIMIT}' concurrency "
+                                  f"limit has {limit} slots (prefect gcl update {GPU_LIMIT} --limit {slots}, or "
+                                  f"lower train.nproc_per_node)")
     asked = time.time()
     # A failed lease renewal (a server restart, a network blip) must not kill hours of training: the run
     # keeps going, at the risk of the lease expiring and another run starting on a busy GPU meanwhile.
-    with concurrency(GPU_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+    with concurrency(GPU_LIMIT, occupy=slots, strict=True, raise_on_lease_renewal_failure=False):
         acquired = time.time()
-        logger.info("gpu slot acquired for %s %s after %.1f s", step, dataset, acquired - asked)
+        logger.info("%d gpu slot(s) acquired for %s %s after %.1f s", slots, step, dataset, acquired - asked)
         try:
             yield
         finally:
@@ -83,7 +98,7 @@ def gpu_slot(dataset: str, step: str, logger) -> Iterator[None]:
             if ledger:
                 context = get_run_context()
                 flow_run = getattr(context, "task_run", None) and context.task_run.flow_run_id
-                record = {"dataset": dataset, "step": step, "asked": asked, "acquired": acquired,
+                record = {"dataset": dataset, "step": step, "slots": slots, "asked": asked, "acquired": acquired,
                           "released": released, "flow_run_id": str(flow_run), "host": socket.gethostname(),
                           "pid": os.getpid()}
                 with open(ledger, "a", encoding="utf-8") as handle:  # one short append: atomic enough

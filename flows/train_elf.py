@@ -33,7 +33,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from flows.gpu import gpu_slot  # noqa: E402
+from flows.gpu import gpu_slot, training_gpus  # noqa: E402
 from flows.mlflow_links import mlflow_run_link, preflight_tracking  # noqa: E402
 from flows.stages import (  # noqa: E402
     apply_overrides,
@@ -59,13 +59,14 @@ def data_task(project: Path, dataset: str) -> None:
 
 @task(name="train", task_run_name="train {dataset}", **STAGE_TASK_OPTIONS)
 def train_task(project: Path, dataset: str) -> None:
-    """`train@<ds>` under one `gpu` slot. A retry reruns the same command, and the stage resumes from
-    the newest checkpoint in models/<ds>/checkpoints (kept by `persist: true`)."""
+    """`train@<ds>` under one `gpu` slot per process (`train.*.nproc_per_node`: the stage launches torchrun).
+    A retry reruns the same command, and the stage resumes from the newest checkpoint in
+    models/<ds>/checkpoints (kept by `persist: true`)."""
     logger = get_run_logger()
     checkpoints = sorted(p.name for p in (project / "models" / dataset / "checkpoints").glob("step-*"))
     if checkpoints:
         logger.info("checkpoints present: %s (the stage resumes from the newest)", ", ".join(checkpoints))
-    with gpu_slot(dataset, "train", logger):
+    with gpu_slot(dataset, "train", logger, slots=training_gpus(project, dataset)):
         repro([f"train@{dataset}"], project, logger, single_item=True)
 
 

@@ -22,6 +22,7 @@ from transformers import T5Config, T5EncoderModel
 from elf.data.embed import embed_dataset, row_vectors, token_rows
 from elf.data.layout import EOS_ID, layout_lm, layout_seq2seq, row_checksum
 from elf.data.shards import MANIFEST, ShardWriter, write_json_atomic
+from elf.data.tokens import FORMAT as TOKENS_FORMAT
 from elf.encoders import gaussian_encoder, load_encoder, load_pretrained_encoder, save_encoder
 from elf.errors import ElfError
 from elf.hashing import file_sha256
@@ -74,7 +75,7 @@ def write_tokens(split_dir: Path, rows: list, max_length: int, max_input_length:
         columns = [piece] if task == "lm" else [[p[0] for p in piece], [p[1] for p in piece]]
         writer.write(pa.Table.from_arrays([pa.array(c, TOKEN_TYPE) for c in columns], schema=schema))
     shards = writer.close()
-    manifest = {"format": "elf-tokens/2", "dataset": "ds", "split": split_dir.name, "task": task, "columns": names,
+    manifest = {"format": TOKENS_FORMAT, "dataset": "ds", "split": split_dir.name, "task": task, "columns": names,
                 "max_length": max_length, "max_input_length": max_input_length, "tokenizer_hash": tokenizer_hash,
                 "vocab_size": vocab_size, "pad_id": 0, "eos_id": 1, "rows": sum(s["rows"] for s in shards),
                 "tokens": sum(s["tokens"] for s in shards), "shards": shards}
@@ -338,6 +339,14 @@ def test_missing_tokens_manifest_is_an_error(good):
     tokens, encoder, out = good
     (tokens / "train" / MANIFEST).unlink()
     expect_error(tokens, encoder, out, "train/manifest.json: manifest not found")
+
+
+def test_tokens_of_an_older_layout_are_an_error_saying_to_rerun(good):
+    """elf-tokens/1 rows (an EOS after every source, one document per lm row) must not be embedded silently."""
+    tokens, encoder, out = good
+    manifest = json.loads((tokens / "train" / MANIFEST).read_text())
+    write_json_atomic(tokens / "train" / MANIFEST, {**manifest, "format": "elf-tokens/1"})
+    expect_error(tokens, encoder, out, r"train/manifest.json: format 'elf-tokens/1' is not 'elf-tokens/2' .*rerun")
 
 
 def test_token_shard_with_wrong_checksum_is_an_error(good):

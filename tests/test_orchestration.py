@@ -367,6 +367,28 @@ def test_pipeline_trains_datasets_concurrently_but_never_two_at_once_on_one_gpu_
 
 
 @pytest.mark.slow
+def test_training_holds_one_gpu_slot_per_process_and_refuses_more_than_the_limit(stack, tmp_path):
+    from flows.gpu import default_slots, training_gpus
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["datasets"]["owt"]["nproc_per_node"] = 2
+    params["train"]["datasets"]["wmt14"]["nproc_per_node"] = "auto"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert (training_gpus(tmp_path, "owt"), training_gpus(tmp_path, "wmt14")) == (2, default_slots())
+    assert training_gpus(tmp_path, "xsum") == 1
+    script = ("import logging\n"
+              "from flows.gpu import ensure_gpu_limit, gpu_slot\n"
+              "from flows.stages import PermanentStageError\n"
+              "slots = ensure_gpu_limit()\n"
+              "try:\n"
+              "    with gpu_slot('owt', 'train', logging.getLogger(), slots=slots + 1):\n"
+              "        print('ENTERED')\n"
+              "except PermanentStageError as error:\n"
+              "    print('REFUSED', error)\n")
+    result = sh(sys.executable, "-c", script, cwd=REPO, env=stack["env"])
+    assert "REFUSED error: train owt needs" in result.stdout and "ENTERED" not in result.stdout
+
+
 def test_bad_parameter_fails_fast_with_the_stage_error_and_no_retry(stack):
     project = copy_project(stack, "bad-parameter")
     started = time.monotonic()

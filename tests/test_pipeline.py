@@ -107,3 +107,11 @@ def test_dvc_repro_runs_every_stage_and_second_run_does_nothing(project):
     third = run(str(BIN / "dvc"), "repro", cwd=project)
     assert "Running stage 'sample@owt'" in third and "Running stage 'evaluate@xsum'" in third
     assert "Running stage 'train@" not in third and "Running stage 'embed@" not in third
+
+    # nproc_per_node 2: the train stage launches torchrun (2 gloo processes here) and resumes the 1-process run.
+    params["train"]["datasets"]["owt"].update(steps=6, nproc_per_node=2)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = run(str(BIN / "dvc"), "repro", "train@owt", cwd=project)
+    assert "launching torchrun --standalone --nproc-per-node 2" in fourth
+    assert "resuming at step 4, 2 process(es)" in fourth
+    assert json.loads((project / "metrics/owt/train.json").read_text())["steps"] == 6

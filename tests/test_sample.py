@@ -9,12 +9,12 @@ from elf.errors import ElfError
 from elf.model import build_model
 from elf.sample import (
     SamplerConfig,
+    conditional_texts,
     decode_tokens,
     generate,
     ids_to_texts,
     logit_normal_grid,
     model_denoiser,
-    output_length,
     sample_embeddings,
     source_starts,
     uniform_grid,
@@ -341,7 +341,11 @@ def test_conditional_output_is_capped_after_the_source(t5_tokenizer):
         for cap in (3, len(words) + 4):
             text, = ids_to_texts([row], tok, start=[n_source], max_tokens=cap)
             assert text == tok.decode(words[:cap], skip_special_tokens=True)
-    assert output_length(128, 64) == 64 and output_length(1088, 1024) == 64
+    # The sample stage and `elf sample --source` decode through `conditional_texts`: 128 / 64 as in WMT14.
+    rows = torch.tensor([[7] * n + (words * 20)[: 128 - n] for n in (10, 60)])
+    mask = torch.arange(128)[None] < torch.tensor([[10], [60]])
+    texts = conditional_texts(rows, tok, mask, max_length=128, max_input_length=64)
+    assert texts == [tok.decode((words * 20)[:64], skip_special_tokens=True)] * 2
 
 
 def test_generate_passes_the_sampler_guidance_to_the_decode_pass(tiny_model):

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from elf.config import SPLITS
 from elf.data.layout import row_checksum, stack_lm, stack_seq2seq
 from elf.data.shards import MANIFEST, open_parquet, read_json, verify_shards, write_json_atomic
+from elf.data.tokens import FORMAT as TOKENS_FORMAT
 from elf.encoders import ENCODER_JSON, FrozenEncoder, load_encoder
 from elf.errors import ElfError
 from elf.hashing import file_sha256
@@ -208,7 +209,7 @@ def _token_splits(tokens_dir: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
     splits = {}
     for split in SPLITS:
         if (tokens_dir / split).is_dir():
-            splits[split] = (tokens_dir / split, verify_shards(tokens_dir / split))
+            splits[split] = (tokens_dir / split, verify_shards(tokens_dir / split, TOKENS_FORMAT))
     if "train" not in splits:
         raise ElfError(f"{tokens_dir / 'train' / MANIFEST}: tokens manifest not found (run the tokenize stage first)")
     for directory, manifest in splits.values():

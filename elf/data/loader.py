@@ -51,6 +51,7 @@ from elf.data.embed import FORMAT as EMBEDDINGS_FORMAT
 from elf.data.embed import TOKEN_COLUMNS, VECTOR_COLUMNS, row_vectors, token_rows
 from elf.data.layout import loss_mask, row_checksum, stack_lm, stack_seq2seq
 from elf.data.shards import MANIFEST, open_parquet, read_json, read_manifest
+from elf.data.tokens import FORMAT as TOKENS_FORMAT
 from elf.encoders import ENCODER_JSON, FrozenEncoder
 from elf.errors import ElfError
 from elf.hashing import file_sha256
@@ -135,7 +136,7 @@ class TrainLoader:
         self.condition_dropout, self.rank, self.world_size = condition_dropout, rank, world_size
         self.device = torch.device(device)
         self.encoder = encoder
-        self.manifest = read_manifest(self.tokens_dir)
+        self.manifest = read_manifest(self.tokens_dir, TOKENS_FORMAT)
         self.task, self.length = self.manifest.get("task"), self.manifest.get("max_length")
         if self.task not in TOKEN_COLUMNS or not isinstance(self.length, int):
             raise ElfError(f"{self.tokens_dir / MANIFEST}: needs 'task' (lm or seq2seq) and 'max_length'")
@@ -375,7 +376,7 @@ class TrainLoader:
         x = np.zeros((len(tokens), self.length, self.dim), dtype=np.float16)
         if self.task == "lm":
             x[valid_mask.numpy()] = np.concatenate([v[0] for v in vectors])  # row-major: row by row, token by token
-        else:  # every position is valid: source then the chosen target variant fill each row exactly
+        else:  # every position has an embedding: source, then the chosen target variant (padding included)
             flags = dropped.tolist()
             x[:] = np.concatenate([p for v, d in zip(vectors, flags, strict=True)
                                    for p in (v[0], v[2] if d else v[1])]).reshape(x.shape)

@@ -157,10 +157,14 @@ def iter_parquet_batches(path: Path, columns: list[str], batch_rows: int) -> Ite
         raise ElfError(f"{path}: not a readable Parquet file ({str(error).splitlines()[0]})") from None
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The manifest of a shard directory, checked to list shards that exist."""
+def read_manifest(directory: str | Path, expected_format: str | None = None) -> dict[str, Any]:
+    """The manifest of a shard directory, checked to list shards that exist (and, given `expected_format`, to
+    be of that format: data written by an older layout is an error that says which stage to rerun)."""
     directory = Path(directory)
     manifest = read_json(directory / MANIFEST, "manifest")
+    if expected_format is not None and manifest.get("format") != expected_format:
+        raise ElfError(f"{directory / MANIFEST}: format {manifest.get('format')!r} is not {expected_format!r} "
+                       "(written by another version of the stage: rerun it)")
     for key in ("rows", "shards"):
         if key not in manifest:
             raise ElfError(f"{directory / MANIFEST}: manifest lacks '{key}'")
@@ -170,19 +174,20 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_shards(directory: str | Path) -> dict[str, Any]:
+def verify_shards(directory: str | Path, expected_format: str | None = None) -> dict[str, Any]:
     """Read the manifest and check every shard's sha256 (a full read: use where correctness beats speed)."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory, expected_format)
     for shard in manifest["shards"]:
         if file_sha256(directory / shard["file"]) != shard["sha256"]:
             raise ElfError(f"{directory / shard['file']}: checksum does not match {directory / MANIFEST}")
     return manifest
 
 
-def iter_column(directory: str | Path, column: str, batch_rows: int = 4096) -> Iterator[list]:
+def iter_column(directory: str | Path, column: str, batch_rows: int = 4096,
+                expected_format: str | None = None) -> Iterator[list]:
     """Stream one column of a shard directory, shard by shard in manifest order, as Python values."""
     directory = Path(directory)
-    for shard in read_manifest(directory)["shards"]:
+    for shard in read_manifest(directory, expected_format)["shards"]:
         for batch in iter_parquet_batches(directory / shard["file"], [column], batch_rows):
             yield from batch.column(column).to_pylist()
