@@ -1,15 +1,12 @@
-"""Training throughput and model-FLOPs utilisation (MFU) of the ELF objective.
+"""Training throughput and model-FLOPs utilisation (MFU) of the real training step on this machine.
 
-    python bench/train_throughput.py                       # CPU: `small` (6 × 384), fp32
-    python bench/train_throughput.py --preset ELF-B --device cuda --bf16 --batch 64 --length 1024
+    python -m bench.train_throughput                      # CPU: `small` (6 × 384), fp32, AdamW
+    python -m bench.train_throughput --optimizer muon     # the paper's optimiser (torch Muon: bf16 Newton–Schulz)
 
-MFU = (FLOPs the method needs per step) / step time / (dense matmul peak measured in the same run).
-The method's FLOPs per step (elf-method §4, §6): a denoise row costs three forwards (passes A, B and the
-gradient pass) and one backward (≈ two forwards); a decode row one forward and one backward. Our objective
-runs passes A and B only on denoise rows that self-condition (m = 1, half of them): the same math with
-fewer FLOPs, so the "executed" MFU is reported beside the method's. Forward FLOPs are counted from the
-matmuls: 2 · in · out per token per Linear, attention 4 · T² · H per row and layer (T = L + 12 prefix
-tokens), and the decode head only where it runs. Also prints projected hours per OpenWebText epoch.
+Times `elf.step.TrainStep`, the very step `elf train` runs (per-row noise draws, the objective, backward, grad
+clip, optimiser, lr schedule, EMA), on a synthetic batch, with the thread count of `threads` (default: the
+physical cores). MFU = FLOPs / step time / measured dense matmul peak in the same run, for the method's FLOPs
+and the FLOPs actually run (bench/flops.py). For GPUs use bench/gpu_check.py.
 """
 
 import argparse
@@ -18,47 +15,14 @@ import time
 
 import torch
 
-from elf.flow import ObjectiveConfig, draw_noise, elf_loss
+from bench.flops import matmul_peak, step_flops
+from bench.gpu_check import DECODE_SHARE, OWT_TOKENS_PER_EPOCH, SELF_COND_SHARE, synthetic_batch
+from elf.distributed import Dist
+from elf.flow import ObjectiveConfig
 from elf.model import build_model, num_parameters
-from elf.optim import build_optimizer
-
-OWT_TOKENS_PER_EPOCH = 9.0e9  # ≈ 45B tokens / 5 epochs (elf-method §8)
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """Dense matmul FLOP/s of this device and dtype (best of `repeats`)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 2):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def forward_flops(model, rows: int, length: int, decode_rows: int) -> float:
-    """Matmul FLOPs of one forward over `rows` rows, with the decode head on `decode_rows` of them."""
-    cfg = model.cfg
-    tokens = length + cfg.num_prefix
-    body = 0
-    for module in model.blocks.modules():
-        if isinstance(module, torch.nn.Linear):
-            body += 2 * module.in_features * module.out_features
-    per_row = body * tokens + cfg.depth * 4 * tokens * tokens * cfg.hidden
-    proj = sum(2 * m.in_features * m.out_features for m in model.input_proj.modules()
-               if isinstance(m, torch.nn.Linear)) * length
-    x_head = 2 * cfg.hidden * cfg.embed_dim * length
-    decode = sum(2 * m.in_features * m.out_features for m in model.decode_head.modules()
-                 if isinstance(m, torch.nn.Linear)) * length
-    return rows * (per_row + proj + x_head) + decode_rows * decode
+from elf.optim import EMA, build_optimizer, warmup_constant_schedule
+from elf.runtime import set_threads
+from elf.step import TrainStep
 
 
 def main() -> None:
@@ -69,59 +33,37 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU), peak measured in bf16")
     parser.add_argument("--optimizer", default="adamw", help="adamw | muon (torch Muon runs bf16 Newton-Schulz)")
+    parser.add_argument("--threads", type=int, default=None, help="default: elf.runtime.default_threads()")
+    parser.add_argument("--model", type=json.loads, default={}, help='shape changes, e.g. \'{"depth": 2}\'')
     args = parser.parse_args()
-    device = torch.device(args.device)
+    threads = set_threads(args.threads)
+    device = torch.device("cpu")
     torch.manual_seed(0)
-    model = build_model(args.preset, args.embed_dim, args.vocab).to(device)
+    model = build_model(args.preset, args.embed_dim, args.vocab, **args.model)
     optimizer = build_optimizer(model, kind=args.optimizer, lr=1e-3)
-    cfg = ObjectiveConfig()
-    x = torch.randn(args.batch, args.length, args.embed_dim, device=device)
-    tokens = torch.randint(3, args.vocab, (args.batch, args.length), device=device)
-    mask = torch.ones(args.batch, args.length, dtype=torch.bool, device=device)
-    no_source = torch.zeros_like(mask)
-    no_drop = torch.zeros(args.batch, dtype=torch.bool, device=device)
-    generator = torch.Generator(device).manual_seed(0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-
-    def step() -> dict:
-        draws = draw_noise(args.batch, args.length, args.embed_dim, cfg, generator)
-        with autocast:
-            loss, stats = elf_loss(model, x, mask, no_source, no_drop, tokens, cfg, draws=draws)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {k: int(v) for k, v in stats.items() if k.endswith("rows")}
-
-    step()  # warm-up
-    times, flops_method, flops_executed = [], 0.0, 0.0
-    for _ in range(args.steps):
-        _sync(device)
-        start = time.perf_counter()
-        rows = step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        den, dec, sc = rows["denoise_rows"], rows["decode_rows"], rows["self_cond_rows"]
-        fwd_all = forward_flops(model, args.batch, args.length, dec)  # the gradient pass
-        fwd_den = forward_flops(model, 1, args.length, 0)
-        flops_method += 3 * fwd_all + 2 * fwd_den * den  # gradient pass + backward (2×), passes A and B
-        flops_executed += 3 * fwd_all + 2 * fwd_den * sc
-    seconds = sum(times)
-    peak = matmul_peak(device, torch.bfloat16 if args.bf16 else torch.float32)
-    tokens_per_s = args.batch * args.length * args.steps / seconds
-    figures = {
-        "preset": args.preset, "parameters": num_parameters(model), "device": str(device),
-        "dtype": "bf16" if args.bf16 else "fp32", "threads": torch.get_num_threads(),
+    step = TrainStep(model, optimizer, warmup_constant_schedule(optimizer, 10), EMA(model, 0.9999), ObjectiveConfig(),
+                     seed=0, d=Dist(0, 1, device), local_batch=args.batch, micro_batch=args.batch, grad_clip=1.0)
+    batch = synthetic_batch(args.batch, args.length, args.embed_dim, args.vocab, device)
+    step(batch, 0)  # warm-up
+    began = time.perf_counter()
+    for i in range(args.steps):
+        float(step(batch, 1 + i)["loss"])
+    seconds = (time.perf_counter() - began) / args.steps
+    peak = matmul_peak(device, torch.float32)
+    decode = DECODE_SHARE * args.batch
+    method, executed = step_flops(model, args.batch, args.length, args.batch - decode, decode,
+                                  (args.batch - decode) * SELF_COND_SHARE)
+    tokens_per_s = args.batch * args.length / seconds
+    print(json.dumps({
+        "preset": args.preset, "model": args.model, "parameters": num_parameters(model), "threads": threads,
         "batch": args.batch, "length": args.length, "optimizer": args.optimizer,
-        "seconds_per_step": round(seconds / args.steps, 4), "tokens_per_s": round(tokens_per_s),
+        "seconds_per_step": round(seconds, 4), "tokens_per_s": round(tokens_per_s),
         "matmul_peak_tflops": round(peak / 1e12, 4),
-        "mfu_method_flops": round(flops_method / seconds / peak, 3),
-        "mfu_executed_flops": round(flops_executed / seconds / peak, 3),
+        "mfu_method_flops": round(method / seconds / peak, 3),
+        "mfu_executed_flops": round(executed / seconds / peak, 3),
         "projected_hours_per_owt_epoch_8_devices": round(OWT_TOKENS_PER_EPOCH / (tokens_per_s * 8) / 3600, 1),
-    }
-    print(json.dumps(figures, indent=2))
+    }, indent=2))
 
 
 if __name__ == "__main__":

@@ -293,8 +293,11 @@ def main(argv: list[str] | None = None) -> int:
             _config(args, args.params)
         else:
             from elf.config import load_config
+            from elf.runtime import set_threads
 
-            code = args.run(args, load_config(args.params))
+            config = load_config(args.params)
+            set_threads(config.threads)
+            code = args.run(args, config)
             if code:
                 return code
     except ElfError as error:

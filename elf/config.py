@@ -264,6 +264,7 @@ class TrainSettings(_Strict):
     # Processes on this machine: > 1 makes `elf train` launch `torchrun --standalone` (one per GPU); "auto" is
     # one per visible GPU. The result does not depend on it (world-size-invariant batches and noise).
     nproc_per_node: int | Literal["auto"] = 1
+    compile: bool | Literal["auto"] = "auto"  # torch.compile the network (elf/step.py); auto: on CUDA only
     optimizer: Literal["muon", "adamw"] = "muon"
     base_lr: float = Field(default=0.001, gt=0)  # lr = base_lr × batch_size / 256 (§8)
     lr: float | None = Field(default=None, gt=0)  # set to override the batch scaling
@@ -373,6 +374,7 @@ class EvaluateConfig(_Strict):
 
 class Config(_Strict):
     seed: int
+    threads: int | None = Field(default=None, gt=0)  # torch CPU threads per process; None: elf.runtime.default_threads
     datasets: dict[str, DatasetConfig]
     tokenizer: TokenizerConfig
     tokenize: TokenizeConfig

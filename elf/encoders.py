@@ -38,6 +38,7 @@ from torch import nn
 from elf.data.shards import atomic_output_dir, read_json
 from elf.errors import ElfError
 from elf.hashing import directory_hash, file_sha256
+from elf.runtime import autocast
 
 KINDS = ("pretrained", "scratch", "gaussian")
 FORMAT_VERSION = 1
@@ -175,7 +176,8 @@ class FrozenEncoder(nn.Module):
             else:
                 raise ValueError(f"attention_mask must be [B, L] or [B, L, L] for input_ids "
                                  f"{tuple(input_ids.shape)} (got {tuple(attention_mask.shape)})")
-        hidden = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        with autocast(device):  # bf16 on GPUs, as the authors encode; x itself is fp32 (`normalise`)
+            hidden = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return self.normalise(hidden)
 
     def encode_lm(self, input_ids: torch.Tensor, valid_mask: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ Sections: config / embedders / rotary embedding / transformer block / model / pr
 Precision (§8, "bf16 autocast with the input/output projections and heads in fp32"): the trainer wraps the
 forward in `torch.autocast(dtype=torch.bfloat16)`; this module switches autocast *off* around the input
 projection, the t/w embedders, the x̂ head and the decode head (inputs cast to fp32), so only the transformer
-blocks run in bf16. The residual stream stays fp32 (fp32 + bf16 promotes to fp32). Attention runs in fp32
-when `ModelConfig.attention_fp32` is set (default), see `Attention`.
+blocks run in bf16. The residual stream stays fp32 (fp32 + bf16 promotes to fp32). Attention runs as bf16
+SDPA (fp32 softmax accumulation inside the kernel) unless `ModelConfig.attention_fp32` asks for fp32 q/k/v.
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ class ModelConfig:
     freq_dim: int = 256  # sinusoidal features of t and w (half cos, half sin)
     max_period: float = 1e4
     norm_eps: float = 1e-6
-    attention_fp32: bool = True  # §5 "softmax in fp32"; False lets bf16 flash kernels run (faster)
+    # True: q, k, v in fp32 under autocast (the parity path). False (default): bf16 SDPA on GPUs, whose flash /
+    # cuDNN kernels accumulate the softmax in fp32, which is what §5 asks; on CPUs without autocast both are fp32.
+    attention_fp32: bool = False
 
     def __post_init__(self) -> None:
         if self.bottleneck is None:

@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor
 
-from elf.data.tokenizer import EOS_ID, PAD_ID
+from elf.data.layout import EOS_ID, PAD_ID
 from elf.errors import ElfError
+from elf.runtime import autocast
 
 #: x̂ = denoiser(z [B, L, d], x̂_prev [B, L, d], t [B], w [B]): the clean-embedding prediction, [B, L, d] fp32.
 Denoiser = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -334,7 +335,8 @@ def generate(
             src = None if source is None else source[rows].to(device)
             mask = None if source_mask is None else source_mask[rows].to(device)
             n = rows.stop - rows.start
-            z, _ = sample_embeddings(denoiser, (n, length, encoder_dim), cfg, generator, src, mask)
-            outputs.append(decode_tokens(model, z, cfg.guidance, mask).cpu())
+            with autocast(device):  # bf16 on GPUs (§8: the model keeps its projections and heads in fp32)
+                z, _ = sample_embeddings(denoiser, (n, length, encoder_dim), cfg, generator, src, mask)
+                outputs.append(decode_tokens(model, z, cfg.guidance, mask).cpu())
             bar.update(n)
     return Generation(torch.cat(outputs), nfe, time.perf_counter() - began)

@@ -35,13 +35,15 @@ from elf.config import DatasetConfig, TrainSettings
 from elf.data.loader import TrainLoader
 from elf.data.shards import read_json, read_manifest, write_json_atomic
 from elf.data.tokens import FORMAT as TOKENS_FORMAT
-from elf.distributed import Dist, all_reduce, barrier, init_distributed, shutdown
+from elf.distributed import Dist, barrier, init_distributed, shutdown
 from elf.encoders import load_encoder
 from elf.errors import ElfError
-from elf.flow import ObjectiveConfig, draw_noise_per_row, elf_loss
+from elf.flow import ObjectiveConfig
 from elf.hashing import file_sha256
 from elf.model import ELF, build_model, num_parameters, save_model
 from elf.optim import EMA, build_optimizer, warmup_constant_schedule
+from elf.runtime import configure_device
+from elf.step import TrainStep, micro_batches
 
 
 @dataclass(frozen=True)
@@ -61,23 +63,7 @@ class TrainPaths:
         return self.out / "model"
 
 
-def row_seed(seed: int, step: int, row: int) -> int:
-    """The noise seed of one row of one global batch (independent of ranks and micro-batches)."""
-    return ((seed * 1_000_003 + step) * 1_048_576 + row) % (2**63 - 1)
-
-
-def micro_batches(settings: TrainSettings, world: int) -> tuple[int, int]:
-    """(rows per process per step, rows per micro-batch); errors name the parameter."""
-    if settings.batch_size % world:
-        raise ElfError(f"params.yaml: train batch_size {settings.batch_size} is not divisible by {world} processes")
-    local = settings.batch_size // world
-    micro = settings.micro_batch_size or local
-    if local % micro:
-        raise ElfError(f"params.yaml: train micro_batch_size {micro} does not divide the per-process batch {local}")
-    return local, micro
-
-
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "nproc_per_node")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "nproc_per_node", "compile")
 
 
 def run_fingerprint(dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths) -> str:
@@ -91,10 +77,6 @@ def run_fingerprint(dataset: DatasetConfig, settings: TrainSettings, seed: int, 
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def _slice(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
-    return {k: v[start:stop] for k, v in batch.items()}
-
-
 class Trainer:
     """Holds everything a step needs, and everything a checkpoint must restore."""
 
@@ -105,15 +87,18 @@ class Trainer:
         self.encoder = load_encoder(paths.encoder, expected_tokenizer_hash=tokens_manifest["tokenizer_hash"]).to(
             d.device)
         self.tokens_manifest = tokens_manifest
-        self.local_batch, self.micro = micro_batches(settings, d.world)
+        self.local_batch, self.micro = micro_batches(settings.batch_size, settings.micro_batch_size, d.world)
         torch.manual_seed(seed)  # identical initial weights on every rank
         self.model: ELF = build_model(settings.preset, self.encoder.dim, tokens_manifest["vocab_size"],
                                       **settings.model.overrides()).to(d.device)
-        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model) if d.world > 1 else None)
         self.optimizer = build_optimizer(self.model, kind=settings.optimizer, lr=settings.learning_rate)
         self.scheduler = warmup_constant_schedule(self.optimizer, settings.warmup_steps)
         self.ema = EMA(self.model, settings.ema_decay)
         self.objective = ObjectiveConfig(**settings.objective.model_dump())
+        compile_model = settings.compile is True or (settings.compile == "auto" and d.device.type == "cuda")
+        self.train_step_fn = TrainStep(self.model, self.optimizer, self.scheduler, self.ema, self.objective,
+                                       seed=seed, d=d, local_batch=self.local_batch, micro_batch=self.micro,
+                                       grad_clip=settings.grad_clip, compile=compile_model)
         # The global stream, sliced per process (see elf/data/loader.py): world-size-invariant batches.
         self.loader = TrainLoader(
             paths.tokens, paths.embeddings, self.encoder, batch_size=settings.batch_size, seed=seed,
@@ -130,55 +115,11 @@ class Trainer:
 
     # -- one optimisation step ------------------------------------------------------------------------------
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.d.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)  # §8; projections and heads stay fp32 (model.py)
-        return contextlib.nullcontext()
-
     def train_step(self) -> dict[str, torch.Tensor]:
-        """One optimisation step. Returns its statistics as 0-dim tensors on the device, so that a step costs
-        no host sync: the caller reads them (`read_stats`) only when it logs."""
-        batch = next(self.loader)
-        loss_mask = batch["loss_mask"] & ~batch["source_mask"]
-        # Σ over the global batch of loss tokens: the shared denominator of §4, across ranks and micro-batches.
-        n_global = all_reduce(loss_mask.sum().float().reshape(1), self.d)[0].clamp(min=1.0)
-        sums = torch.zeros(7, device=self.d.device)  # loss, mse·n, ce·n, correct, n_denoise, n_decode, tokens
-        module = self.ddp or self.model
-        length, dim = batch["x"].shape[1], batch["x"].shape[2]
-        first_row = self.d.rank * self.local_batch
-        for start in range(0, self.local_batch, self.micro):
-            mb = _slice(batch, start, start + self.micro)
-            seeds = [row_seed(self.seed, self.step, first_row + start + i) for i in range(self.micro)]
-            draws = draw_noise_per_row(seeds, length, dim, self.objective, self.d.device)
-            last = start + self.micro >= self.local_batch
-            sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
-            with sync:
-                with self._autocast():
-                    loss, stats = elf_loss(module, mb["x"], mb["loss_mask"], mb["source_mask"], mb["cond_dropped"],
-                                           mb["input_ids"], self.objective, draws=draws)
-                n_local = stats["loss_tokens"].float()
-                # DDP averages gradients over ranks, hence × world: the result is Σ(loss sums) / n_global.
-                (loss * n_local * self.d.world / n_global).backward()
-            sums += torch.stack([
-                (loss * n_local).detach().float(), stats["mse"] * stats["denoise_tokens"],
-                stats["ce"] * stats["decode_tokens"], stats["acc"] * stats["decode_tokens"],
-                stats["denoise_tokens"].float(), stats["decode_tokens"].float(), mb["valid_mask"].sum().float(),
-            ])
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.ema.update(self.model)
+        """One optimisation step (elf/step.py); its statistics stay on the device until read."""
+        stats = self.train_step_fn(next(self.loader), self.step)
         self.step += 1
-        sums = all_reduce(sums, self.d)
-        return {
-            "loss": sums[0] / n_global,
-            "mse": sums[1] / sums[4].clamp(min=1.0),
-            "ce": sums[2] / sums[5].clamp(min=1.0),
-            "decode_acc": sums[3] / sums[5].clamp(min=1.0),
-            "grad_norm": grad_norm.detach().float(),
-            "tokens": sums[6],
-        }
+        return stats
 
     # -- checkpoints ----------------------------------------------------------------------------------------
 
@@ -305,6 +246,7 @@ def train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int,
     """Train (or resume) to `settings.steps`; `stop_after` ends early after that many steps of this call
     (for tests of resume). Returns the final metrics (rank 0)."""
     d = init_distributed()
+    configure_device(d.device)
     trainer = Trainer(name, dataset, settings, seed, paths, d)
     resumed = trainer.resume()
     params = {"dataset": name, "task": dataset.task, "max_length": dataset.max_length, "train": settings.model_dump(),

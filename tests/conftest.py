@@ -14,6 +14,9 @@ for key, value in {
     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
+    # One torch thread in the tests and the `elf` commands they start (`threads: null` reads it): the test
+    # machines share 2 cores, where two spinning threads per process make everything several times slower.
+    "OMP_NUM_THREADS": "1",
 }.items():
     os.environ[key] = value
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"

@@ -182,3 +182,22 @@ def test_unknown_preset_leaves_params_untouched(tmp_path):
     result = run_elf("config", "apply", "papr", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "unknown preset 'papr' (available: demo, paper)" in result.stderr
     assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_threads_setting_reaches_torch(tmp_path, params):
+    """`threads` sets torch's CPU threads in every stage; null reads OMP_NUM_THREADS (1 in the tests)."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch\nfrom elf.cli import main\n"
+              "import elf.cli\nelf.cli._prepare = lambda args, config: print('threads', torch.get_num_threads())\n"
+              "sys.exit(main(['prepare', 'owt']))\n")
+    for value, expected in ((None, 1), (2, 2)):
+        params["threads"] = value
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert f"threads {expected}" in out.stdout
+    params["threads"] = 0
+    with pytest.raises(ElfError, match="threads: Input should be greater than 0"):
+        config_from_dict(params)

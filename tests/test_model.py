@@ -168,8 +168,11 @@ def test_sinusoidal_features_are_cos_then_sin_of_the_raw_value():
     assert torch.allclose(feats[1], torch.cat([torch.cos(0.5 * freqs), torch.sin(0.5 * freqs)]))
 
 
-def test_bf16_autocast_keeps_projections_heads_and_attention_in_fp32(monkeypatch):
-    model = tiny_model()
+@pytest.mark.parametrize("attention_fp32", [False, True])
+def test_bf16_autocast_keeps_projections_and_heads_in_fp32(monkeypatch, attention_fp32):
+    """Attention runs as bf16 SDPA by default (fp32 accumulation inside the GPU kernels); `attention_fp32`
+    keeps q, k, v in fp32 with autocast off."""
+    model = tiny_model(attention_fp32=attention_fp32)
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -186,7 +189,7 @@ def test_bf16_autocast_keeps_projections_heads_and_attention_in_fp32(monkeypatch
         x_hat, logits = model(*inputs())
     assert x_hat.dtype == logits.dtype == torch.float32
     assert dtypes == {"input_proj": torch.float32, "time_embed": torch.float32, "blocks.0.mlp": torch.bfloat16}
-    assert seen == [(torch.float32, False)] * 2
+    assert seen == ([(torch.float32, False)] * 2 if attention_fp32 else [(torch.bfloat16, True)] * 2)
 
 
 def test_bf16_forward_is_close_to_fp32():
@@ -205,3 +208,25 @@ def test_empty_batch_runs():
     z = torch.zeros(0, L, D)
     x_hat, _ = tiny_model()(z, z, torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.bool))
     assert x_hat.shape == (0, L, D)
+
+
+def test_bf16_attention_stays_within_1_percent_of_fp32_attention():
+    """The default (`attention_fp32: False`) runs bf16 SDPA under autocast; §5 asks for an fp32 softmax, which
+    the GPU kernels keep internally. Measured here under CPU bf16 autocast: x̂ and logits differ from the fp32
+    attention path by ≈ 0.45% (relative L2), as much as bf16 autocast itself moves them (≈ 0.5%): 1% is the
+    stated tolerance. Without autocast both paths are the same fp32 computation."""
+    torch.manual_seed(0)
+    fast = build_model("small", 64, 500, depth=4, hidden=256, heads=4).eval()
+    torch.nn.init.normal_(fast.x_head.linear.weight, std=0.05)
+    exact = build_model("small", 64, 500, depth=4, hidden=256, heads=4, attention_fp32=True).eval()
+    exact.load_state_dict(fast.state_dict())
+    z, t, w = torch.randn(4, 128, 64) * 2, torch.rand(4), torch.full((4,), 2.0)
+    decode = torch.tensor([False, True, False, True])
+    with torch.no_grad():
+        plain = fast(z, torch.zeros_like(z), t, w, decode), exact(z, torch.zeros_like(z), t, w, decode)
+        assert all(torch.equal(a, b) for a, b in zip(*plain, strict=True))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x_fast, logits_fast = fast(z, torch.zeros_like(z), t, w, decode)
+            x_exact, logits_exact = exact(z, torch.zeros_like(z), t, w, decode)
+    for a, b in ((x_fast, x_exact), (logits_fast, logits_exact)):
+        assert 0 < ((a - b).norm() / b.norm()).item() < 1e-2

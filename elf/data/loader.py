@@ -366,6 +366,9 @@ class TrainLoader:
             x = self._online_x(input_ids, source_mask, valid_mask, dropped)
         batch = {"input_ids": input_ids, "valid_mask": valid_mask, "source_mask": source_mask,
                  "loss_mask": loss_mask(self.task, source_mask, valid_mask), "cond_dropped": dropped}
+        if self.device.type == "cuda":  # page-locked host memory: the copies below run asynchronously
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+            x = x.pin_memory() if x.device.type == "cpu" else x  # online encoding already ran on the GPU
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         batch["x"] = x.to(self.device, non_blocking=True).float()
         return batch
