@@ -6,14 +6,16 @@
 Needs torch alone (and this repository on the path): it imports the model, the objective and the trainer's own
 step (elf/step.py: noise draws, micro-batches, clip, optimiser, EMA), not the data or tracking stack.
 
-Prints one JSON object:
+Prints JSON:
 - train, for torch.compile off and on: seconds per step, tokens/s, MFU against the GPU's datasheet bf16 peak
   and against a measured bf16 matmul, counting the method's FLOPs (gradient pass + passes A and B on every
   denoise row) and the FLOPs actually run (A and B only on the self-conditioning rows), at the expected row
   mix (20% decode rows, half the denoise rows self-conditioning); peak memory; the projected hours per
   OpenWebText epoch (≈ 9B tokens) on 8 GPUs, assuming linear scaling;
 - sampling: 32-step SDE (γ 1.5, w 3) at L 1024 and batch 64, samples/s with the decode pass;
-- ddp: one 2-process step through torchrun when two GPUs exist (else why it was skipped).
+- ddp: the same training measurement with 2 processes through torchrun (compile as for one) when two GPUs
+  exist (else why it was skipped).
+Each part is printed as one JSON line when it finishes, then the whole report.
 Goals (issue): MFU ≥ 0.4 at ELF-B; ≤ 3 h per epoch on 8 × H200 (the authors' PyTorch port: ≈ 4 h).
 """
 
@@ -78,16 +80,17 @@ def train_figures(args, d: Dist, compile: bool, peaks: dict[str, float | None]) 
     decode = DECODE_SHARE * args.batch
     method, executed = step_flops(model, args.batch, args.length, args.batch - decode, decode,
                                   (args.batch - decode) * SELF_COND_SHARE)
-    tokens_per_s = d.world * args.batch * args.length / seconds
+    per_gpu = args.batch * args.length / seconds  # every process runs `args.batch` rows per step
     figures = {"compile": compile, "warmup_seconds": round(warmup_seconds, 1), "seconds_per_step": round(seconds, 4),
-               "tokens_per_s": round(tokens_per_s), "loss": round(float(stats["loss"]), 4)}
+               "tokens_per_s_per_gpu": round(per_gpu), "tokens_per_s_total": round(per_gpu * d.world),
+               "loss": round(float(stats["loss"]), 4)}
     for label, peak in peaks.items():
         if peak:
             figures[f"mfu_method_vs_{label}"] = round(method / seconds / peak, 3)
             figures[f"mfu_executed_vs_{label}"] = round(executed / seconds / peak, 3)
     if d.device.type == "cuda":
         figures["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(d.device) / 2**30, 1)
-    figures["projected_hours_per_owt_epoch_8_gpus"] = round(OWT_TOKENS_PER_EPOCH / (8 * tokens_per_s) / 3600, 2)
+    figures["projected_hours_per_owt_epoch_8_gpus"] = round(OWT_TOKENS_PER_EPOCH / (8 * per_gpu) / 3600, 2)
     return figures
 
 
@@ -109,7 +112,10 @@ def ddp_figures(args) -> dict:
         return {"skipped": f"{torch.cuda.device_count()} GPU(s): a 2-process DDP step needs 2"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                "-m", "bench.gpu_check", "--ddp-worker", *sys.argv[1:]]
-    out = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=240)
+    except subprocess.TimeoutExpired:
+        return {"failed": "no result within 240 s (an NCCL hang?)"}
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1]) if out.returncode == 0 and lines else {"failed": out.stderr[-2000:]}
 
@@ -142,10 +148,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.ddp_worker:
+    if args.ddp_worker:  # DDP as `elf train` runs it on GPUs: compile on unless the check was told otherwise
         d = init_distributed()
         configure_device(d.device)
-        figures = train_figures(args, d, compile=False, peaks={"datasheet": nominal_peak(d.device)})
+        figures = train_figures(args, d, compile=args.compile != "off", peaks={"datasheet": nominal_peak(d.device)})
         if d.main:
             print(json.dumps({"processes": d.world, **figures}))
         shutdown(d)
@@ -156,16 +162,22 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peaks = {"datasheet": nominal_peak(device), "measured_matmul": matmul_peak(device, dtype)}
     modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.compile]
-    model, _ = build(args, d, compile=False)
+    with torch.device("meta"):  # the shape only: no weights on the GPU
+        parameters = num_parameters(build_model(args.preset, args.embed_dim, args.vocab, **args.model))
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "preset": args.preset, "parameters": num_parameters(model),
+        "torch": torch.__version__, "preset": args.preset, "parameters": parameters,
         "batch_per_gpu": args.batch, "length": args.length, "optimizer": args.optimizer,
         "bf16_peak_tflops": {k: round(v / 1e12, 1) if v else None for k, v in peaks.items()},
-        "train": [train_figures(args, d, compile, peaks) for compile in modes],
-        "sampling": sampling_figures(args, device),
-        "ddp": ddp_figures(args) if device.type == "cuda" else {"skipped": "no GPU"},
     }
+    # Each part is printed as it finishes (a check stopped at its time limit still reports what it measured),
+    # then the whole report.
+    parts = [("train", lambda: [train_figures(args, d, compile, peaks) for compile in modes]),
+             ("sampling", lambda: sampling_figures(args, device)),
+             ("ddp", lambda: ddp_figures(args) if device.type == "cuda" else {"skipped": "no GPU"})]
+    for name, measure in parts:
+        report[name] = measure()
+        print(json.dumps({name: report[name]}), flush=True)
     print(json.dumps(report, indent=2))
 
 

@@ -224,6 +224,12 @@ def _config(args, config_path: str) -> None:
             print(f"{config_path}: ok")
 
 
+def _gpu_or_cpu():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elf", description="ELF (Embedded Language Flows) pipeline stages.")
     parser.add_argument("--params", default="params.yaml", help="the parameter file (default: params.yaml)")
@@ -293,10 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             _config(args, args.params)
         else:
             from elf.config import load_config
-            from elf.runtime import set_threads
+            from elf.runtime import configure_device, set_threads
 
             config = load_config(args.params)
             set_threads(config.threads)
+            configure_device(_gpu_or_cpu())
             code = args.run(args, config)
             if code:
                 return code

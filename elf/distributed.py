@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from elf.errors import ElfError
+
 #: Set by torchrun in each worker; its presence means "already launched".
 LAUNCHED_ENV = "LOCAL_RANK"
 #: A file where a worker that stops on a bad input (exit 2) says so: torchrun itself exits 1 for any failure,
@@ -79,18 +81,25 @@ def shutdown(d: Dist) -> None:
 
 
 def visible_gpus() -> int:
+    """GPUs this process may use (CUDA_VISIBLE_DEVICES honoured)."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def resolve_nproc(setting: int | str) -> int:
-    """`train.*.nproc_per_node` as a number: `auto` is one process per visible GPU (1 without GPUs)."""
+    """`train.*.nproc_per_node` as a number: `auto` is one process per visible GPU (1 without GPUs). More
+    processes than visible GPUs on a GPU machine is an error (each process needs its own GPU)."""
+    gpus = visible_gpus()
     if setting == "auto":
-        return max(1, visible_gpus())
+        return max(1, gpus)
+    if gpus and int(setting) > gpus:
+        raise ElfError(f"params.yaml: train nproc_per_node {setting} exceeds the {gpus} visible GPU(s) "
+                       "(use auto, or set CUDA_VISIBLE_DEVICES)")
     return int(setting)
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run `elf <argv>` as `torchrun --standalone --nproc-per-node nproc` workers; return the exit code.
+def launch_torchrun(nproc: int, argv: list[str], module: str = "elf.cli") -> int:
+    """Run `elf <argv>` (`python -m <module> <argv>`) as `torchrun --standalone --nproc-per-node nproc` workers;
+    return the exit code.
 
     torchrun's own code is kept, except that a worker which failed on a bad input (it wrote exit code 2 to
     the file named by ELF_WORKER_EXIT_FILE) makes the result 2. SIGTERM / SIGINT are passed on to torchrun,
@@ -98,17 +107,27 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     checkpoint). Multi-node runs call torchrun directly (README: "Training on GPUs").
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "elf.cli", *argv]
+               "-m", module, *argv]
     with tempfile.TemporaryDirectory(prefix="elf-launch-") as tmp:
         exit_file = Path(tmp) / "worker-exit"
-        process = subprocess.Popen(command, env={**os.environ, WORKER_EXIT_FILE_ENV: str(exit_file)})
-        previous = {sig: signal.signal(sig, lambda signum, _: process.send_signal(signum))
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        started: list[subprocess.Popen] = []
+
+        def forward(signum, _frame) -> None:
+            for process in started:
+                process.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            code = process.wait()
+            # A session of its own: a signal to this process group (Ctrl-C, a kill of the stage) reaches torchrun
+            # once, through `forward`, not twice while it is stopping its workers.
+            started.append(subprocess.Popen(command, env={**os.environ, WORKER_EXIT_FILE_ENV: str(exit_file)},
+                                            start_new_session=True))
+            code = started[0].wait()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if code < 0:  # torchrun itself died of a signal: the shell's convention
+            return 128 - code
         if code != 0 and exit_file.is_file() and "2" in exit_file.read_text().split():
             return 2
         return code

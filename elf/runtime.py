@@ -22,7 +22,8 @@ def default_threads() -> int:
         physical = psutil.cpu_count(logical=False)
     except ImportError:  # pragma: no cover - psutil is a dependency; the GPU benchmark may lack it
         physical = None
-    return physical or os.cpu_count() or 1
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(physical or allowed or 1, allowed or 1))  # a container may get fewer cores than the host
 
 
 def set_threads(threads: int | None) -> int:

@@ -8,7 +8,8 @@ What one call does (elf-method §3–§6, §8): draw the objective's noise for e
 of the global batch, seeded per (step, row of the global batch) so that any number of processes and
 micro-batches sees the same draws; run `elf_loss` per micro-batch under bf16 autocast on GPUs; normalise by
 the *global* number of loss tokens; clip the gradient norm, step the optimiser and the lr schedule, update the
-EMA. The statistics stay on the device (no host sync per step); read them when logging.
+EMA. The statistics stay on the device; read them when logging. (The objective itself still syncs where it
+selects rows: `nonzero` for the self-conditioning rows and boolean indexing of the decode rows.)
 
 Imports only torch and the method's modules (no data, tracking or config stack), so the GPU check runs it on a
 machine that has torch alone.
@@ -53,7 +54,8 @@ class TrainStep:
         self.local_batch, self.micro = local_batch, micro_batch
         self.ddp = torch.nn.parallel.DistributedDataParallel(model) if d.world > 1 else None
         module = self.ddp or model
-        self.forward = torch.compile(module) if compile else module
+        # dynamic: passes A and B see a different number of rows every step; without it each new size recompiles.
+        self.forward = torch.compile(module, dynamic=True) if compile else module
 
     def __call__(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """One update on this process's slice of global batch number `step`; returns 0-dim device tensors:

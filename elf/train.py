@@ -247,6 +247,14 @@ def train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int,
     (for tests of resume). Returns the final metrics (rank 0)."""
     d = init_distributed()
     configure_device(d.device)
+    try:
+        return _train(name, dataset, settings, seed, paths, stop_after, d)
+    finally:
+        shutdown(d)  # also after an error or an early stop, so that NCCL ends cleanly
+
+
+def _train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths,
+           stop_after: int | None, d: Dist) -> dict[str, Any]:
     trainer = Trainer(name, dataset, settings, seed, paths, d)
     resumed = trainer.resume()
     params = {"dataset": name, "task": dataset.task, "max_length": dataset.max_length, "train": settings.model_dump(),
@@ -291,9 +299,7 @@ def train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int,
         progress.close()
         if trainer.step < settings.steps:
             return {"step": trainer.step}
-        result = _finish(trainer, run)
-    shutdown(d)
-    return result
+        return _finish(trainer, run)
 
 
 def _finish(trainer: Trainer, run) -> dict[str, Any]:

@@ -40,6 +40,14 @@ def default_slots() -> int:
     return max(1, count_gpus())
 
 
+def visible_gpus() -> int:
+    """GPUs a stage started from here may use: CUDA_VISIBLE_DEVICES when set (as torch counts), else all."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return count_gpus()
+    return len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")])
+
+
 def ensure_gpu_limit(slots: int | None = None, update: bool = False) -> int:
     """Create the `gpu` limit if missing (or, with `update`, set its slots); return its slot count."""
     from prefect.client.orchestration import get_client
@@ -63,11 +71,15 @@ def ensure_gpu_limit(slots: int | None = None, update: bool = False) -> int:
 
 
 def training_gpus(project, dataset: str) -> int:
-    """GPUs `train@<dataset>` uses: its `nproc_per_node` (`auto`: every GPU of this machine, at least 1)."""
+    """`gpu` slots `train@<dataset>` holds: one per process (`nproc_per_node`; `auto`: every visible GPU), and
+    one on a machine without GPUs, where its processes share the CPU like any other step."""
     from elf.config import load_config
 
     setting = load_config(project / "params.yaml").train.for_dataset(dataset).nproc_per_node
-    return default_slots() if setting == "auto" else setting
+    gpus = visible_gpus()
+    if gpus == 0:
+        return 1
+    return gpus if setting == "auto" else setting
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ stays the only cache and `dvc.lock` stays true; Prefect adds what DVC lacks: ret
 restart, a cluster-wide `gpu` queue (flows/gpu.py), remote execution and a UI. Prefect's own result
 caching is off for every task: a second run of an up-to-date stage is skipped by DVC, not by Prefect.
 
-Steps: the data stages up to `embed@<ds>` (no GPU slot), `train@<ds>` (one `gpu` slot; retried
+Steps: the data stages up to `embed@<ds>` (no GPU slot), `train@<ds>` (one `gpu` slot per process; retried
 transient failures resume from the newest checkpoint), then `sample@<ds>` and `evaluate@<ds>` (one `gpu`
 slot), then, with `push`, `dvc push` of the outputs and the run cache for other machines.
 """

@@ -17,6 +17,8 @@ for key, value in {
     # One torch thread in the tests and the `elf` commands they start (`threads: null` reads it): the test
     # machines share 2 cores, where two spinning threads per process make everything several times slower.
     "OMP_NUM_THREADS": "1",
+    # The tests are the CPU path (gloo, fp32), also on a machine with GPUs; bench/gpu_check.py checks the GPU.
+    "CUDA_VISIBLE_DEVICES": "",
 }.items():
     os.environ[key] = value
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"

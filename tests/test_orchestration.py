@@ -367,15 +367,20 @@ def test_pipeline_trains_datasets_concurrently_but_never_two_at_once_on_one_gpu_
 
 
 @pytest.mark.slow
-def test_training_holds_one_gpu_slot_per_process_and_refuses_more_than_the_limit(stack, tmp_path):
-    from flows.gpu import default_slots, training_gpus
+def test_training_holds_one_gpu_slot_per_process_and_refuses_more_than_the_limit(stack, tmp_path, monkeypatch):
+    import flows.gpu as gpu
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"]["datasets"]["owt"]["nproc_per_node"] = 2
     params["train"]["datasets"]["wmt14"]["nproc_per_node"] = "auto"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    assert (training_gpus(tmp_path, "owt"), training_gpus(tmp_path, "wmt14")) == (2, default_slots())
-    assert training_gpus(tmp_path, "xsum") == 1
+    slots = [gpu.training_gpus(tmp_path, name) for name in ("owt", "wmt14", "xsum")]
+    assert slots == [1, 1, 1]  # no GPU here: CPU processes share the machine like any step
+    monkeypatch.setattr(gpu, "count_gpus", lambda: 8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
+    assert [gpu.training_gpus(tmp_path, name) for name in ("owt", "wmt14", "xsum")] == [2, 3, 1]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert gpu.training_gpus(tmp_path, "wmt14") == 8
     script = ("import logging\n"
               "from flows.gpu import ensure_gpu_limit, gpu_slot\n"
               "from flows.stages import PermanentStageError\n"

@@ -69,7 +69,12 @@ def test_gpu_check_runs_on_cpu_with_torch_alone():
                "import runpy\nrunpy.run_module('bench.gpu_check', run_name='__main__')\n")
     out = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout)
+    parts = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"')]
+    assert [next(iter(part)) for part in parts] == ["train", "sampling", "ddp"]  # each part as it finishes
+    report = json.loads(out.stdout[out.stdout.index("\n{\n") + 1:])
     train, = report["train"]
-    assert train["tokens_per_s"] > 0 and train["mfu_method_vs_measured_matmul"] > 0
+    assert train["tokens_per_s_per_gpu"] == train["tokens_per_s_total"] > 0
+    assert train["mfu_method_vs_measured_matmul"] > train["mfu_executed_vs_measured_matmul"] > 0
+    hours = 9.0e9 / (8 * train["tokens_per_s_per_gpu"]) / 3600
+    assert train["projected_hours_per_owt_epoch_8_gpus"] == pytest.approx(hours, rel=1e-2)
     assert report["sampling"]["samples_per_s"] > 0 and report["ddp"] == {"skipped": "no GPU"}
