@@ -3,9 +3,10 @@
 Conventions: t = 0 is noise, t = 1 is data; x [B, L, d] are the normalised clean embeddings, ε ~ N(0, I) and
 s the noise scale (2). Per-sequence scalars (t, w, m) are [B] tensors and broadcast over [L, d].
 
-Randomness: every draw takes a `torch.Generator` and is made on that generator's device, in a fixed order
-that does not depend on the data, so a run is reproducible draw for draw (and resumable exactly) given the
-generator's state. The results are moved to the data's device.
+Randomness: `draw_noise` takes a `torch.Generator` and draws on that generator's device, in a fixed order
+that does not depend on the data; `draw_noise_per_row` (what training uses) gives every row its own
+counter-based stream keyed by a seed (elf/rng.py), so a row's draws depend on its seed alone. Either way a run is
+reproducible draw for draw and resumable exactly. The results are moved to the data's device.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from elf import rng
 
 # ---------------------------------------------------------------------------------------------------------
 # Random draws
@@ -36,22 +39,32 @@ def _per_row(value: Tensor, like: Tensor) -> Tensor:
     return value.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def logit_normal(normal: Tensor, mean: float, std: float) -> Tensor:
+    """sigmoid(mean + std·n) of standard normals n: the logit-normal draws of §3 (t) and §4 (p)."""
+    return torch.sigmoid(mean + std * normal)
+
+
+def log_uniform_guidance(uniform: Tensor, low: float = 1.5, high: float = 6.0) -> Tensor:
+    """§6: log(1 + w) ~ Uniform[log low, log high] from uniforms on (0, 1): w ∈ [0.5, 5], median √(1.5·6) − 1 = 2."""
+    log_low, log_high = math.log(low), math.log(high)
+    return torch.exp(log_low + (log_high - log_low) * uniform) - 1.0
+
+
 def sample_time(n: int, generator: torch.Generator, mean: float = -1.5, std: float = 0.8) -> Tensor:
     """§3: t = sigmoid(u), u ~ N(mean, std²), one t per sequence (median sigmoid(−1.5) ≈ 0.18: mostly noisy)."""
-    return torch.sigmoid(mean + std * _randn((n,), generator))
+    return logit_normal(_randn((n,), generator), mean, std)
 
 
 def sample_guidance_scale(n: int, generator: torch.Generator, low: float = 1.5, high: float = 6.0) -> Tensor:
-    """§6: log(1 + w) ~ Uniform[log low, log high], so w ∈ [0.5, 5] with median √(1.5·6) − 1 = 2."""
-    log_low, log_high = math.log(low), math.log(high)
-    return torch.exp(log_low + (log_high - log_low) * _rand((n,), generator)) - 1.0
+    """§6: the SC-CFG scale w per sequence (`log_uniform_guidance`)."""
+    return log_uniform_guidance(_rand((n,), generator), low, high)
 
 
 def sample_decode_keep(
     shape: tuple[int, ...], generator: torch.Generator, mean: float = 0.8, std: float = 0.8
 ) -> Tensor:
     """§4: the per-token signal fraction p = sigmoid(N(mean, std²)) of the decode corruption (mean ≈ 0.67)."""
-    return torch.sigmoid(mean + std * _randn(shape, generator))
+    return logit_normal(_randn(shape, generator), mean, std)
 
 
 def sample_condition_dropped(n: int, generator: torch.Generator, prob: float = 0.1) -> Tensor:
@@ -144,13 +157,25 @@ def draw_noise(n: int, length: int, dim: int, cfg: ObjectiveConfig, generator: t
 
 def draw_noise_per_row(seeds: list[int], length: int, dim: int, cfg: ObjectiveConfig,
                        device: torch.device | str = "cpu") -> dict[str, Tensor]:
-    """`draw_noise` with one generator per row, seeded from (step, row of the global batch) by the trainer.
+    """The draws of `draw_noise`, each row from its own counter-based stream (elf/rng.py) keyed by its seed,
+    which the trainer derives from (step, row of the global batch); all rows in one batched call on `device`.
 
     A row's noise then depends only on its seed, not on which rank or micro-batch it lands in: training with
     any world size or gradient accumulation sees the same draws, and a resumed step repeats them exactly.
     """
-    rows = [draw_noise(1, length, dim, cfg, torch.Generator(device).manual_seed(seed)) for seed in seeds]
-    return {key: torch.cat([row[key] for row in rows]) for key in NOISE_KEYS}
+    def stream(index: int) -> Tensor:
+        return rng.stream_keys(seeds, index, device)
+
+    coins = rng.uniform(stream(0), 3)  # decode row?, self-conditioning?, guidance scale
+    n = len(seeds)
+    return {
+        "is_decode": coins[:, 0] < cfg.decode_prob,  # §4 decode row or §3 denoise row
+        "t": logit_normal(rng.normal(stream(1), 1)[:, 0], cfg.time_mean, cfg.time_std),
+        "m": coins[:, 1] < cfg.self_cond_prob,  # §6 self-conditioning coin
+        "w": log_uniform_guidance(coins[:, 2], cfg.guidance_low, cfg.guidance_high),
+        "eps": rng.normal(stream(2), length * dim).view(n, length, dim),
+        "keep": logit_normal(rng.normal(stream(3), length), cfg.decode_keep_mean, cfg.decode_keep_std),
+    }
 
 
 def elf_loss(
