@@ -1,7 +1,11 @@
 """The train stage: one ELF model per dataset, single process or `torchrun` DDP, resumable exactly.
 
-    elf train owt                                                 # one process (CPU or one GPU)
-    torchrun --standalone --nproc-per-node 8 -m elf.cli train owt  # DDP on 8 GPUs (gloo on CPU)
+    elf train owt                                                 # one process, or torchrun when
+                                                                  # train.*.nproc_per_node is > 1 / auto
+    torchrun --standalone --nproc-per-node 8 -m elf.cli train owt  # the same by hand: DDP on 8 GPUs (gloo on CPU)
+
+The step itself (noise, loss, backward, clip, optimiser, EMA) is elf/step.py; this module holds the loop,
+checkpoints, resume, logging and the final model.
 
 The global batch (`train.*.batch_size`) is the same whatever the number of processes: each process takes
 its contiguous slice of every global batch and splits it into micro-batches (gradient accumulation). The
