@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ruamel.yaml.representer import RoundTripRepresenter
 
@@ -419,8 +418,9 @@ def _format_error(source: str, error: ValidationError, key_prefix: str = "") -> 
         message = "unknown key"
     elif first["type"] == "missing":
         message = "required key is missing"
-    elif "input" in first and first["type"] not in ("model_type",):
-        message += f" (got {first['input']!r})"
+    elif "input" in first and not isinstance(first["input"], dict | list):  # the bad value, never a section
+        got = repr(first["input"])
+        message += f" (got {got if len(got) <= 80 else got[:77] + '...'})"
     return f"{source}: {where}: {message}" if where else f"{source}: {message}"
 
 
@@ -434,15 +434,33 @@ def config_from_dict(data: Any, source: str = "params.yaml") -> Config:
         raise ElfError(_format_error(source, error)) from None
 
 
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML 1.2, the dialect DVC reads and writes params.yaml in (PyYAML's 1.1 reads DVC's `1e-05` as a string).
+    A duplicate key is an error, not "the last one wins". Errors are one line naming `source` and the line."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    try:
+        return YAML(typ="safe", pure=True).load(text)
+    except MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(error.problem or error.context or "").split())
+        raise ElfError(f"{source}: invalid YAML{where}: {problem}") from None
+    except YAMLError as error:
+        raise ElfError(f"{source}: invalid YAML ({' '.join(str(error).split())})") from None
+
+
 def read_yaml(path: str | Path) -> Any:
+    """A YAML 1.2 file (`parse_yaml`); a missing file is a one-line error naming it."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ElfError(f"{path}: file not found") from None
-    except yaml.YAMLError as error:
-        raise ElfError(f"{path}: invalid YAML ({' '.join(str(error).split())})") from None
+    except UnicodeDecodeError:
+        raise ElfError(f"{path}: not UTF-8 text") from None
+    return parse_yaml(text, str(path))
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:
@@ -497,18 +515,26 @@ class _NullAsNull(RoundTripRepresenter):
 _NullAsNull.add_representer(type(None), _null_as_null)
 
 
-def apply_preset(name: str, params_path: str | Path = "params.yaml") -> Config:
-    """Overlay `elf/presets/<name>.yaml` onto `params_path`, validate, then replace the file atomically."""
+def params_yaml():
+    """The comment-preserving YAML 1.2 reader/writer of params.yaml (DVC's dialect), in the file's own layout;
+    every edit of params.yaml (presets, the flows' overrides) goes through it."""
     from ruamel.yaml import YAML
 
-    if name not in available_presets():
-        raise ElfError(f"unknown preset '{name}' (available: {', '.join(available_presets())})")
-    params_path = Path(params_path)
-    round_trip = YAML()  # YAML 1.2, DVC's dialect; written in params.yaml's own layout
+    round_trip = YAML()
     round_trip.Representer = _NullAsNull
     round_trip.preserve_quotes = True
     round_trip.indent(mapping=2, sequence=4, offset=2)
     round_trip.width = 4096  # never fold a flow mapping onto two lines
+    return round_trip
+
+
+def apply_preset(name: str, params_path: str | Path = "params.yaml") -> Config:
+    """Overlay `elf/presets/<name>.yaml` onto `params_path`, validate, then replace the file atomically."""
+
+    if name not in available_presets():
+        raise ElfError(f"unknown preset '{name}' (available: {', '.join(available_presets())})")
+    params_path = Path(params_path)
+    round_trip = params_yaml()
     with open(PRESETS_DIR / f"{name}.yaml", encoding="utf-8") as handle:
         overlay = round_trip.load(handle)  # round-trip objects: the preset's own styles travel with its values
     try:

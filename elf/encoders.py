@@ -247,7 +247,8 @@ def _load_t5_encoder(path: str | Path, **kwargs: Any) -> nn.Module:
     """`T5EncoderModel` explicitly: AutoModel would build a full T5 with a random decoder."""
     from transformers import T5EncoderModel
 
-    return T5EncoderModel.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
+    return T5EncoderModel.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
+                                          trust_remote_code=False, **kwargs)
 
 
 def load_pretrained_encoder(name_or_path: str, vocab_size: int | None = None) -> FrozenEncoder:

@@ -101,8 +101,9 @@ def load_judge(name_or_path: str, device: torch.device | str = "cpu", dtype: str
     if dtype not in JUDGE_DTYPES:
         raise ElfError(f"evaluate.judge_dtype: unknown dtype {dtype!r} (known: {', '.join(JUDGE_DTYPES)})")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=JUDGE_DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=JUDGE_DTYPES[dtype],
+                                                     trust_remote_code=False)
     except Exception as error:  # noqa: BLE001 - hub, file and config errors come in many types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ElfError(f"judge '{name_or_path}' cannot be loaded: {first}") from None

@@ -70,15 +70,45 @@ class TrainPaths:
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "nproc_per_node", "compile")
 
 
-def run_fingerprint(dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths) -> str:
+def run_record(dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed: everything but the settings that may change midway."""
+    return {"dataset": dataset.model_dump(mode="json"), "seed": seed,
+            "train": settings.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES)),
+            "tokens": file_sha256(paths.tokens / "manifest.json"),
+            "encoder": read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"]}
+
+
+def fingerprint(record: dict[str, Any]) -> str:
     import hashlib
 
-    record = {"dataset": dataset.model_dump(mode="json"), "seed": seed,
-              "train": settings.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES)),
-              "tokens": file_sha256(paths.tokens / "manifest.json"),
-              "encoder": read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"]}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def changed_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """The keys two run records differ in, as dotted names (`train.lr`, `tokens`): what the user changed."""
+    if old is None:
+        return ["data, encoder or settings (recorded by an older version)"]
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            changed.append(key)
+    return changed
+
+
+def move_aside(checkpoints: list[Path], out: Path, label: str) -> Path:
+    """Move checkpoint directories into `<out>.aside/<label>/` (numbered when taken), outside what DVC tracks:
+    training state is never deleted on a settings change, and moving it back (with the old settings) resumes."""
+    target, number = out.parent / f"{out.name}.aside" / label, 1
+    while target.exists():
+        number += 1
+        target = target.with_name(f"{label}-{number}")
+    target.mkdir(parents=True)
+    for directory in checkpoints:
+        os.replace(directory, target / directory.name)
+    return target
 
 
 class Trainer:
@@ -111,7 +141,8 @@ class Trainer:
             device=d.device, rows=(d.rank * self.local_batch, (d.rank + 1) * self.local_batch),
             encoder_hash=read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"],
         )
-        self.fingerprint = run_fingerprint(dataset, settings, seed, paths)
+        self.run_record = run_record(dataset, settings, seed, paths)
+        self.fingerprint = fingerprint(self.run_record)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.mlflow_run_id: str | None = None
@@ -126,6 +157,15 @@ class Trainer:
         return stats
 
     # -- checkpoints ----------------------------------------------------------------------------------------
+
+    def _set_aside(self, checkpoints: list[Path], label: str, reason: str) -> None:
+        """Move checkpoints out of the way (main process), with one notice saying where and why."""
+        barrier(self.d)
+        if self.d.main:
+            target = move_aside(checkpoints, self.paths.out, label)
+            print(f"train {self.name}: moved {len(checkpoints)} checkpoint(s) from {self.paths.checkpoints} to "
+                  f"{target}: {reason}. Move them back to resume them.", file=sys.stderr)
+        barrier(self.d)
 
     def save_checkpoint(self) -> None:
         root = self.paths.checkpoints
@@ -144,7 +184,7 @@ class Trainer:
             ckpt.write_json(tmp / "trainer.json", {
                 "step": self.step, "world_size": self.d.world, "scheduler": self.scheduler.state_dict(),
                 "ema": {"decay": ema["decay"], "num_updates": ema["num_updates"]}, "history": self.history,
-                "mlflow_run_id": self.mlflow_run_id, "fingerprint": self.fingerprint,
+                "mlflow_run_id": self.mlflow_run_id, "fingerprint": self.fingerprint, "run_record": self.run_record,
             })
         barrier(self.d)
         if self.d.main:
@@ -160,31 +200,26 @@ class Trainer:
         past = [c for c in found if ckpt.checkpoint_step(c) > self.settings.steps]
         if past:
             # train.steps was lowered below what was trained: those checkpoints would finish the run at the
-            # wrong step. Resume from an earlier one if kept, else from scratch.
-            barrier(self.d)
-            if self.d.main:
-                print(f"train {self.name}: train.steps is {self.settings.steps}; removing "
-                      f"{len(past)} checkpoint(s) past it in {self.paths.checkpoints}", file=sys.stderr)
-                for directory in past:
-                    shutil.rmtree(directory)
-            barrier(self.d)
+            # wrong step. Set them aside and resume from an earlier one if kept, else from scratch.
             found = found[: len(found) - len(past)]
+            self._set_aside(past, f"past-step-{self.settings.steps}",
+                            f"train.steps is {self.settings.steps}, below their steps")
+        # Checkpoints of another run (other data, encoder or settings: e.g. `dvc repro` after a params edit)
+        # are not corrupt: set them aside, naming what changed, and resume from the newest one of this run.
+        states = {c: ckpt.read_trainer_state(c) for c in found}
+        foreign = [c for c in found if states[c].get("fingerprint") != self.fingerprint]
+        if foreign:
+            old = states[foreign[-1]]
+            changed = ", ".join(changed_settings(old.get("run_record"), self.run_record))
+            self._set_aside(foreign, f"run-{str(old.get('fingerprint'))[:12]}",
+                            f"they belong to another run (changed: {changed}; only "
+                            f"{', '.join(RESUMABLE_CHANGES)} may change and still resume)")
+            found = [c for c in found if c not in foreign]
         if not found:
             return False
         directory = found[-1]
         ckpt.verify(directory)
-        state = ckpt.read_trainer_state(directory)
-        if state.get("fingerprint") != self.fingerprint:
-            # Not corruption: the inputs or settings changed (e.g. `dvc repro` after a params edit), so these
-            # checkpoints belong to another run. Say so, and start that run from scratch.
-            barrier(self.d)
-            if self.d.main:
-                print(f"train {self.name}: {self.paths.checkpoints} holds checkpoints of other data, encoder or "
-                      f"settings (only {', '.join(RESUMABLE_CHANGES)} may change and still resume): "
-                      "removing them and training from scratch", file=sys.stderr)
-                shutil.rmtree(self.paths.checkpoints)
-            barrier(self.d)
-            return False
+        state = states[directory]
         try:
             self.model.load_state_dict(ckpt.load_tensors(directory / "model.safetensors"))
             self.ema.load_state_dict({**state["ema"], "shadow": ckpt.load_tensors(directory / "ema.safetensors")})
@@ -252,9 +287,39 @@ def train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int,
     d = init_distributed()
     configure_device(d.device)
     try:
-        return _train(name, dataset, settings, seed, paths, stop_after, d)
+        with exclusive_model_dir(paths.out, d):
+            return _train(name, dataset, settings, seed, paths, stop_after, d)
     finally:
         shutdown(d)  # also after an error or an early stop, so that NCCL ends cleanly
+
+
+@contextlib.contextmanager
+def exclusive_model_dir(out: Path, d: Dist):
+    """One training per model directory: two at once would race on the same checkpoint files. The lock
+    (`filelock`, released by the OS if the holder dies) sits beside the directory, outside what DVC tracks;
+    the main process of a run holds it. A second training gets a one-line error naming the holder."""
+    if not d.main:
+        yield
+        return
+    import socket
+
+    from filelock import FileLock, Timeout
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out.parent / f".{out.name}.train.lock"
+    owner_path = out.parent / f".{out.name}.train.owner"
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = owner_path.read_text(encoding="utf-8").strip() if owner_path.is_file() else "another process"
+        raise ElfError(f"{out}: another training is running on it ({holder}); wait for it to end or stop it") from None
+    try:
+        owner_path.write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n", encoding="utf-8")
+        yield
+    finally:
+        lock.release()
 
 
 def _train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths,

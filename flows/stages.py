@@ -29,8 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 # DVC's summary line for a failed stage command, e.g. "failed to run: elf train owt, exited with 2".
 _EXIT_STATUS = re.compile(r"failed to run: .*, exited with (-?\d+)")
 PERMANENT_EXIT_STATUS = 2
@@ -190,7 +188,13 @@ def resolve_project(project_dir: str | os.PathLike | None) -> Path:
 
 def dataset_names(project: Path) -> list[str]:
     """The datasets `params.yaml` defines (the keys DVC's `foreach` fans out over)."""
-    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8")) or {}
+    from elf.config import read_yaml
+    from elf.errors import ElfError
+
+    try:
+        params = read_yaml(project / "params.yaml") or {}
+    except ElfError as error:
+        raise PermanentStageError(f"error: {error}") from None
     return list((params.get("datasets") or {}).keys())
 
 
@@ -223,14 +227,11 @@ def apply_overrides(project: Path, overrides: dict[str, Any]) -> list[str]:
     loader before it replaces the original, so a bad value fails here with the same one-line error a
     stage would print, and params.yaml is left untouched. Comments and order are kept (ruamel).
     """
-    from ruamel.yaml import YAML
-
-    from elf.config import config_from_dict
+    from elf.config import config_from_dict, params_yaml, read_yaml
     from elf.errors import ElfError
 
     path = project / "params.yaml"
-    round_trip = YAML()
-    round_trip.preserve_quotes = True
+    round_trip = params_yaml()
     document = round_trip.load(path.read_text(encoding="utf-8"))
     changed = []
     for dotted, value in flatten_overrides(overrides).items():
@@ -250,7 +251,7 @@ def apply_overrides(project: Path, overrides: dict[str, Any]) -> list[str]:
         with open(tmp, "w", encoding="utf-8") as handle:
             round_trip.dump(document, handle)
         try:
-            config_from_dict(yaml.safe_load(tmp.read_text(encoding="utf-8")), source="params.yaml")
+            config_from_dict(read_yaml(tmp), source="params.yaml")
         except ElfError as error:
             raise PermanentStageError(f"error: {error}") from None
         os.replace(tmp, path)

@@ -173,14 +173,14 @@ def train_elf(dataset: str, params: dict[str, Any] | None = None, resume: bool =
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`key=value` pairs as `dvc exp run -S` takes them; values are parsed as YAML (numbers, lists, ...)."""
-    import yaml
+    from elf.config import parse_yaml
 
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"error: --params expects key=value, got '{pair}'")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = parse_yaml(value, f"--params {key}")  # YAML 1.2, as `dvc exp run -S` parses it
     return overrides
 
 

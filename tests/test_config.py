@@ -201,3 +201,43 @@ def test_threads_setting_reaches_torch(tmp_path, params):
     params["threads"] = 0
     with pytest.raises(ElfError, match="threads: Input should be greater than 0"):
         config_from_dict(params)
+
+
+def test_params_are_read_as_yaml_1_2_like_dvc_writes_them(tmp_path):
+    """`dvc exp run -S train.defaults.lr=1e-5` writes `1e-05`, a float in YAML 1.2 and a string in PyYAML's 1.1."""
+    text = (REPO / "params.yaml").read_text().replace("    lr: 0.002 ", "    lr: 1e-05 ", 1)
+    assert "lr: 1e-05" in text
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_config(tmp_path / "params.yaml").train.for_dataset("owt").learning_rate == 1e-5
+
+
+def test_the_flows_override_writer_round_trips_floats_it_writes(tmp_path):
+    from flows.stages import apply_overrides
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    assert apply_overrides(tmp_path, {"train.defaults.lr": 1e-5, "train.defaults.ema_decay": 0.995}) == [
+        "train.defaults.lr=1e-05", "train.defaults.ema_decay=0.995"]
+    settings = load_config(tmp_path / "params.yaml").train.for_dataset("owt")
+    assert (settings.learning_rate, settings.ema_decay) == (1e-5, 0.995)
+    assert "# Every setting a stage reads" in (tmp_path / "params.yaml").read_text()
+
+
+def test_a_duplicate_key_is_an_error_naming_its_line(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: 1\nthreads: null\nseed: 2\n")
+    with pytest.raises(ElfError) as error:
+        load_config(tmp_path / "params.yaml")
+    message = str(error.value)
+    assert "\n" not in message and "params.yaml: invalid YAML at line 3" in message and "duplicate key" in message
+
+
+def test_errors_name_the_key_and_value_never_the_whole_section(params):
+    params["train"]["defaults"]["model"] = {"hidden": 130, "heads": 4}
+    params["train"]["defaults"]["notes"] = "x" * 500
+    with pytest.raises(ElfError) as error:
+        config_from_dict(params)
+    assert "notes: unknown key" in str(error.value) and len(str(error.value)) < 200
+    del params["train"]["defaults"]["notes"]
+    with pytest.raises(ElfError) as error:
+        config_from_dict(params)
+    message = str(error.value)
+    assert "hidden=130 is not divisible by heads=4" in message and "{" not in message and len(message) < 200

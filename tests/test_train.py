@@ -186,13 +186,18 @@ def test_changed_settings_start_afresh_but_more_steps_resume(data, tmp_path, cap
     summary = train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 4}), 42, p)  # steps may grow
     assert summary["steps"] == 4 and "resuming at step 2" in capsys.readouterr().out
     train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 2, "lr": 0.01}), 42, p)
-    assert "removing them and training from scratch" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "changed: train.lr" in err and "Move them back" in err
     assert [c.name for c in (p.out / "checkpoints").iterdir()] == ["step-000002"]
     fresh = final_weights(p)  # step 2 again, now with lr 0.01: not the old step-2 weights
     assert any(not torch.equal(first[key], fresh[key]) for key in first)
+    # Nothing was deleted: the old run's checkpoints wait beside the model directory, outside DVC's output
+    # (step 4 as past the new target, step 2 as another run's).
+    aside = sorted(str(c.relative_to(p.out.parent / "owt.aside")) for c in (p.out.parent / "owt.aside").glob("*/*"))
+    assert aside[0] == "past-step-2/step-000004" and aside[1].startswith("run-") and aside[1].endswith("step-000002")
 
 
-def test_lowered_steps_drop_the_checkpoints_past_them(data, tmp_path, capsys):
+def test_lowered_steps_set_the_checkpoints_past_them_aside(data, tmp_path, capsys):
     """A run to 6 steps, then `steps: 4`: the model must be the 4-step model, not the 6-step one."""
     reference = paths(data, tmp_path / "reference")
     train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 4}), 42, reference)
@@ -200,6 +205,40 @@ def test_lowered_steps_drop_the_checkpoints_past_them(data, tmp_path, capsys):
     train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "keep_checkpoints": 3}), 42, p)  # 2, 4, 6
     summary = train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 4, "keep_checkpoints": 3}), 42, p)
     out, err = capsys.readouterr()
-    assert "removing 1 checkpoint(s) past it" in err and "resuming at step 4" in out and summary["steps"] == 4
+    assert "moved 1 checkpoint(s)" in err and "resuming at step 4" in out and summary["steps"] == 4
     assert [c.name for c in sorted((p.out / "checkpoints").iterdir())] == ["step-000002", "step-000004"]
     assert_same_weights(final_weights(p), final_weights(reference))
+    assert [c.name for c in (p.out.parent / "owt.aside" / "past-step-4").iterdir()] == ["step-000006"]
+
+
+def test_a_stray_checkpoint_of_another_run_does_not_take_the_valid_ones_with_it(data, tmp_path, capsys):
+    p = paths(data, tmp_path)
+    train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 4}), 42, p)
+    other = paths(data, tmp_path / "other")
+    train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 6, "lr": 0.01}), 42, other)
+    os.replace(other.checkpoints / "step-000006", p.checkpoints / "step-000006")  # e.g. copied in by mistake
+    summary = train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 6}), 42, p)
+    out, err = capsys.readouterr()
+    assert "resuming at step 4" in out and summary["steps"] == 6 and "changed: train.lr" in err
+    assert [c.name for c in (p.out.parent / "owt.aside").glob("run-*/*")] == ["step-000006"]
+
+
+def test_a_second_training_on_the_same_model_directory_is_refused(data, tmp_path):
+    """Two `elf train owt` at once would race on one checkpoint directory: the second stops with one line."""
+    p = paths(data, tmp_path)
+    p.out.parent.mkdir(parents=True)
+    lock, owner = p.out.parent / ".owt.train.lock", p.out.parent / ".owt.train.owner"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom filelock import FileLock\n"
+         f"lock = FileLock({str(lock)!r})\nlock.acquire()\nopen({str(owner)!r}, 'w').write('pid 4242 on trainer-1')\n"
+         "print('held', flush=True)\ntime.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ElfError, match=r"another training is running on it \(pid 4242 on trainer-1\)") as error:
+            train("owt", DATASETS["owt"], TrainSettings(**SETTINGS), 0, p)
+        assert "\n" not in str(error.value) and not p.out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    train("owt", DATASETS["owt"], TrainSettings(**SETTINGS), 0, p)  # the holder gone, the lock is free
+    assert (p.out / "model" / "model.safetensors").is_file()

@@ -87,7 +87,7 @@ def load_pretrained_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ElfError(f"tokenizer.pretrained: cannot load tokenizer '{name_or_path}' ({first})") from None
@@ -118,7 +118,7 @@ def load_tokenizer(directory: str | Path):
     if not directory.is_dir():
         raise ElfError(f"{directory}: tokenizer directory not found (run the tokenizer stage first)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise ElfError(f"{directory}: not a loadable tokenizer directory ({str(error).splitlines()[0]})") from None
     check_t5_conventions(tokenizer, str(directory))
