@@ -168,6 +168,8 @@ def _sample_interactively(args) -> None:
                        source_mask=mask, progress=False)
         texts = conditional_texts(out.ids, tokenizer, mask, meta["max_length"], meta["max_input_length"])
     else:
+        if args.source:
+            raise ElfError(f"{model_dir}: a {meta['dataset']} model is unconditional: --source does not apply")
         out = generate(model, encoder.dim, meta["max_length"], args.num, cfg, args.seed, device,
                        num_samples=args.num, progress=False)
         texts = ids_to_texts(out.ids, tokenizer)
@@ -224,6 +226,12 @@ def _config(args, config_path: str) -> None:
             print(f"{config_path}: ok")
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text!r})")
+    return int(text)
+
+
 def _gpu_or_cpu():
     import torch
 
@@ -255,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage = commands.add_parser("train", help="train (or resume) the ELF model of a dataset → models/<dataset>/")
     stage.add_argument("dataset")
-    stage.add_argument("--stop-after", type=int, default=None, metavar="N",
+    stage.add_argument("--stop-after", type=_positive_int, default=None, metavar="N",
                        help="stop after N more steps (checkpointed; the next run resumes)")
     stage.set_defaults(run=_train)
 

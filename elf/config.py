@@ -29,9 +29,10 @@ _DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class _Strict(BaseModel):
-    """Base for every section: unknown keys are errors, types are not coerced, objects are immutable."""
+    """Base for every section: unknown keys are errors, types are not coerced, objects are immutable, and no
+    float may be inf or NaN (YAML spells them `.inf` / `.nan`; none is a meaningful setting here)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class DemoSource(_Strict):

@@ -22,6 +22,7 @@ Typical use (unconditional OWT headline setting, §7 table):
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -67,10 +68,14 @@ class SamplerConfig:
             raise ElfError(f"sampler.grid: unknown time grid {self.grid!r} (known: {', '.join(GRID_KINDS)})")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ElfError(f"sampler.steps: must be an integer >= 1, got {self.steps!r}")
+        for name in ("gamma", "guidance", "cfg_scale", "grid_mean", "grid_std", "noise_scale", "min_denom"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ElfError(f"sampler.{name}: must be a finite number, got {value!r}")
         for name, low in (("gamma", 0.0), ("cfg_scale", 0.0), ("grid_std", 0.0)):
             if not getattr(self, name) >= low:
                 raise ElfError(f"sampler.{name}: must be >= {low:g}, got {getattr(self, name)!r}")
-        for name in ("noise_scale", "min_denom"):
+        for name in ("noise_scale", "min_denom", "guidance"):  # w is trained on [0.5, 5] (§6); 0 or less is no scale
             if not getattr(self, name) > 0:
                 raise ElfError(f"sampler.{name}: must be > 0, got {getattr(self, name)!r}")
 
@@ -337,6 +342,9 @@ def generate(
             n = rows.stop - rows.start
             with autocast(device):  # bf16 on GPUs (§8: the model keeps its projections and heads in fp32)
                 z, _ = sample_embeddings(denoiser, (n, length, encoder_dim), cfg, generator, src, mask)
+                if not bool(torch.isfinite(z).all()):  # would decode to arbitrary ids, silently
+                    raise ElfError(f"sampling ({cfg.kind}, {cfg.steps} steps): the model produced non-finite "
+                                   "embeddings (a diverged or corrupt model?)")
                 outputs.append(decode_tokens(model, z, cfg.guidance, mask).cpu())
             bar.update(n)
     return Generation(torch.cat(outputs), nfe, time.perf_counter() - began)
