@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# `elf lock repair` restores dvc.lock if a kill broke it during DVC's in-place write (elf/lockfile.py).
 demo: $(STAMP)
+	$(BIN)/elf lock repair
 	$(BIN)/dvc repro
+	$(BIN)/elf lock save
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -226,6 +226,33 @@ def _config(args, config_path: str) -> None:
             print(f"{config_path}: ok")
 
 
+def _check_dvc_lock() -> None:
+    """Every stage: advise if dvc.lock was broken by a kill, else keep it as the last good copy (elf/lockfile.py)."""
+    from elf.lockfile import warn_if_broken
+
+    warning = warn_if_broken(Path.cwd())
+    if warning:
+        print(warning, file=sys.stderr)
+
+
+def _lock(args) -> int:
+    from elf.lockfile import lock_problem, repair, save_good_copy
+
+    project = Path.cwd()
+    if args.action == "check":
+        problem = lock_problem(project)
+        if problem:
+            print(f"{project / 'dvc.lock'}: {problem}; `elf lock repair` restores the last good copy", file=sys.stderr)
+            return 1
+        print(f"{project / 'dvc.lock'}: ok")
+    elif args.action == "repair":
+        notice = repair(project)
+        print(notice or f"{project / 'dvc.lock'}: ok, nothing to repair")
+    else:
+        print(f"{project / 'dvc.lock'}: {'saved as the good copy' if save_good_copy(project) else 'not saved'}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text!r})")
@@ -287,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("dataset")
     stage.set_defaults(run=_evaluate)
 
+    stage = commands.add_parser("lock", help="check or repair dvc.lock after a kill during DVC's write")
+    stage.add_argument("action", choices=["check", "repair", "save"])
+    stage.set_defaults(run=None)
+
     stage = commands.add_parser("config", help="check, show or switch the configuration (presets)")
     actions = stage.add_subparsers(dest="action", required=True)
     actions.add_parser("check", help="validate params.yaml")
@@ -305,11 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config":
             _config(args, args.params)
+        elif args.command == "lock":
+            return _lock(args)
         else:
             from elf.config import load_config
             from elf.runtime import configure_device, set_threads
 
             config = load_config(args.params)
+            _check_dvc_lock()
             set_threads(config.threads)
             configure_device(_gpu_or_cpu())
             code = args.run(args, config)

@@ -106,6 +106,7 @@ def run_dvc(args: Sequence[str], project: Path, logger: logging.Logger | logging
     of failing (DVC releases it while a stage command runs). The process gets its own session so that a
     cancelled task can stop the whole tree (dvc and the stage under it).
     """
+    _guard_dvc_lock(project, logger)
     command = ["dvc", "--wait-for-lock", *args]
     logger.info("$ %s  (in %s)", " ".join(command), project)
     env = tool_env()
@@ -127,7 +128,23 @@ def run_dvc(args: Sequence[str], project: Path, logger: logging.Logger | logging
             process.wait()
     if returncode != 0:
         raise classify(returncode, list(tail), args)
+    from elf.lockfile import save_good_copy
+
+    save_good_copy(project)
     return list(tail)
+
+
+def _guard_dvc_lock(project: Path, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Before a `dvc` call: restore dvc.lock from the last good copy if a kill broke it (elf/lockfile.py)."""
+    from elf.errors import ElfError
+    from elf.lockfile import repair
+
+    try:
+        notice = repair(project)
+    except ElfError as error:
+        raise PermanentStageError(f"error: {error}") from None
+    if notice:
+        logger.warning(notice)
 
 
 def repro(targets: Sequence[str], project: Path, logger: logging.Logger | logging.LoggerAdapter,

@@ -100,6 +100,18 @@ def test_dvc_repro_runs_every_stage_and_second_run_does_nothing(project):
     assert "Data and pipelines are up to date." in second
     assert (project / "dvc.lock").read_text() == lock
 
+    # A kill while DVC rewrites dvc.lock in place leaves it empty or cut mid-record: `elf lock repair` (what
+    # `make demo` and the flows run before DVC) restores the last good copy, and nothing has to rerun.
+    run(str(BIN / "elf"), "lock", "save", cwd=project)
+    for broken in ("", lock[: len(lock) // 2].rsplit("\n", 3)[0] + "\n"):
+        (project / "dvc.lock").write_text(broken)
+        check = subprocess.run([str(BIN / "elf"), "lock", "check"], cwd=project, capture_output=True, text=True)
+        assert check.returncode == 1 and ("empty" in check.stderr or "missing for" in check.stderr
+                                          or "cut short" in check.stderr), check.stderr
+        assert "restored the good copy" in run(str(BIN / "elf"), "lock", "repair", cwd=project)
+        assert (project / "dvc.lock").read_text() == lock
+        assert "Data and pipelines are up to date." in run(str(BIN / "dvc"), "repro", cwd=project)
+
     # Changing the evaluation seeds reruns sampling and evaluation only, never training.
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["sample"]["seeds"] = [0]
