@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from elf.data.shards import read_json, write_json_atomic
 from elf.errors import ElfError
+from elf.files import naming_os_errors, read_json, write_json_atomic
 from elf.hashing import file_sha256
 
 INDEX = "checkpoint.json"
@@ -42,7 +42,14 @@ def tmp_dir(root: Path, step: int) -> Path:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    with naming_os_errors(path):
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def save_optimizer_state(path: Path, state: dict[str, Any]) -> None:
+    """`torch.save` through a Python file: given a path, torch reports a full disk as "enforce fail" without errno."""
+    with naming_os_errors(path), open(path, "wb") as handle:
+        torch.save(state, handle)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

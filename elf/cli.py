@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
-from elf.errors import ElfError
+from elf.errors import EXIT_BAD_INPUT, ElfError, describe_os_error, os_error_exit_code
 
 RAW_DIR = Path("data/raw")
 TOKENIZER_DIR = Path("data/tokenizer")
@@ -112,8 +113,8 @@ def _embed(args, config) -> None:
 
 
 def _train(args, config) -> int | None:
-    from elf.data.shards import read_json
     from elf.distributed import LAUNCHED_ENV, launch_torchrun, resolve_nproc
+    from elf.files import read_json
     from elf.train import TrainPaths, train
 
     dataset = config.dataset(args.dataset)
@@ -253,6 +254,15 @@ def _lock(args) -> int:
     return 0
 
 
+def _fail(message: str, code: int) -> int:
+    """Print the one-line error, leave the code for a torchrun launcher, and return it."""
+    from elf.distributed import record_worker_exit
+
+    print(f"error: {message}", file=sys.stderr)
+    record_worker_exit(code)
+    return code
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text!r})")
@@ -265,8 +275,15 @@ def _gpu_or_cpu():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (and exit code 2, bad input), like every other error of `elf`."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elf", description="ELF (Embedded Language Flows) pipeline stages.")
+    parser = _Parser(prog="elf", description="ELF (Embedded Language Flows) pipeline stages.")
     parser.add_argument("--params", default="params.yaml", help="the parameter file (default: params.yaml)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
 
@@ -298,13 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "or print a few samples of a model (--model DIR)")
     stage.add_argument("dataset", nargs="?")
     stage.add_argument("--model", help="a trained model directory (e.g. models/owt/model): print samples")
-    stage.add_argument("--steps", type=int, default=32)
-    stage.add_argument("--kind", default="sde", help="ode | sde")
+    stage.add_argument("--steps", type=_positive_int, default=32)
+    stage.add_argument("--kind", default="sde", choices=["ode", "sde"])
     stage.add_argument("--gamma", type=float, default=1.5)
     stage.add_argument("--guidance", type=float, default=3.0, help="SC-CFG scale w")
     stage.add_argument("--cfg-scale", type=float, default=1.0, help="input-CFG scale ω (conditional models)")
     stage.add_argument("--source", help="source text for a conditional model")
-    stage.add_argument("-n", "--num", type=int, default=4, help="number of samples")
+    stage.add_argument("-n", "--num", type=_positive_int, default=4, help="number of samples")
     stage.add_argument("--seed", type=int, default=0)
     stage.add_argument("--encoder", default=str(ENCODER_DIR))
     stage.add_argument("--tokenizer", default=str(TOKENIZER_DIR))
@@ -330,9 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (elf/errors.py: 2 bad input, 3 fix the machine, 75 retry)."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
+    # Past the file-size limit a write then fails with EFBIG (reported below) instead of SIGXFSZ killing us.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         if args.command == "config":
             _config(args, args.params)
@@ -350,11 +370,14 @@ def main(argv: list[str] | None = None) -> int:
             if code:
                 return code
     except ElfError as error:
-        from elf.distributed import record_worker_exit
+        return _fail(str(error), EXIT_BAD_INPUT)
+    except Exception as error:
+        from elf.files import os_errno
 
-        print(f"error: {error}", file=sys.stderr)
-        record_worker_exit(2)
-        return 2
+        number = os_errno(error)
+        if number is None:
+            raise  # a bug: the traceback is what its report needs
+        return _fail(describe_os_error(number, getattr(error, "filename", None)), os_error_exit_code(number))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

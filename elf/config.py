@@ -10,7 +10,6 @@ the result is validated before it is written, and comments in `params.yaml` surv
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ruamel.yaml.representer import RoundTripRepresenter
 
 from elf.errors import ElfError
+from elf.files import atomic_file
 
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -544,12 +544,15 @@ def apply_preset(name: str, params_path: str | Path = "params.yaml") -> Config:
     except FileNotFoundError:
         raise ElfError(f"{params_path}: file not found") from None
     _merge_in_place(document, overlay)
-    tmp = params_path.with_name(f".{params_path.name}.tmp-{os.getpid()}")
-    try:
+    return write_params(document, params_path, source=f"{params_path} with preset {name}")
+
+
+def write_params(document: Any, params_path: str | Path, source: str) -> Config:
+    """Write a round-trip `params_yaml()` document to `params_path` if it validates; return its Config.
+
+    The file is replaced atomically and only after validation, so a bad value is a one-line ElfError and
+    leaves `params_path` as it was."""
+    with atomic_file(params_path) as tmp:
         with open(tmp, "w", encoding="utf-8") as handle:
-            round_trip.dump(document, handle)
-        config = config_from_dict(read_yaml(tmp), source=f"{params_path} with preset {name}")
-        os.replace(tmp, params_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return config
+            params_yaml().dump(document, handle)
+        return config_from_dict(read_yaml(tmp), source=source)

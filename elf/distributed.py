@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from elf.errors import ElfError
+from elf.errors import PERMANENT_EXIT_CODES, ElfError
 
 #: Set by torchrun in each worker; its presence means "already launched".
 LAUNCHED_ENV = "LOCAL_RANK"
@@ -101,10 +101,11 @@ def launch_torchrun(nproc: int, argv: list[str], module: str = "elf.cli") -> int
     """Run `elf <argv>` (`python -m <module> <argv>`) as `torchrun --standalone --nproc-per-node nproc` workers;
     return the exit code.
 
-    torchrun's own code is kept, except that a worker which failed on a bad input (it wrote exit code 2 to
-    the file named by ELF_WORKER_EXIT_FILE) makes the result 2. SIGTERM / SIGINT are passed on to torchrun,
-    which stops its workers, so a killed stage leaves no orphaned process (the next run resumes from the last
-    checkpoint). Multi-node runs call torchrun directly (README: "Training on GPUs").
+    torchrun's own code is kept, except that a worker which failed in a way a retry cannot fix (it wrote exit
+    code 2 or 3, elf/errors.py, to the file named by ELF_WORKER_EXIT_FILE) makes the result that code.
+    SIGTERM / SIGINT are passed on to torchrun, which stops its workers, so a killed stage leaves no orphaned
+    process (the next run resumes from the last checkpoint). Multi-node runs call torchrun directly (README:
+    "Training on GPUs").
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", module, *argv]
@@ -128,9 +129,9 @@ def launch_torchrun(nproc: int, argv: list[str], module: str = "elf.cli") -> int
                 signal.signal(sig, handler)
         if code < 0:  # torchrun itself died of a signal: the shell's convention
             return 128 - code
-        if code != 0 and exit_file.is_file() and "2" in exit_file.read_text().split():
-            return 2
-        return code
+        recorded = [int(c) for c in exit_file.read_text().split()] if exit_file.is_file() else []
+        permanent = [c for c in recorded if c in PERMANENT_EXIT_CODES]
+        return permanent[0] if code != 0 and permanent else code
 
 
 def record_worker_exit(code: int) -> None:

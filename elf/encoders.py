@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from elf.data.shards import atomic_output_dir, read_json
 from elf.errors import ElfError
+from elf.files import atomic_output_dir, read_json
 from elf.hashing import directory_hash, file_sha256
 from elf.runtime import autocast
 

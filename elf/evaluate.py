@@ -23,9 +23,10 @@ from typing import Any
 from elf import metrics
 from elf.config import DatasetConfig, EvaluateConfig
 from elf.data.demo import Grammar
-from elf.data.shards import iter_parquet_batches, write_json_atomic
+from elf.data.shards import iter_parquet_batches
 from elf.data.tokens import is_blank
 from elf.errors import ElfError
+from elf.files import atomic_file, write_json_atomic
 
 GRAMMAR_FILE = "grammar.json"
 
@@ -168,7 +169,6 @@ def evaluate_dataset(name: str, dataset: DatasetConfig, settings: EvaluateConfig
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
     """lm: quality (PPL) against entropy across samplers, and quality against steps; seq2seq: scores by sampler."""
-    import os
 
     import matplotlib
 
@@ -203,10 +203,9 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
             axes[i].set(title=key, ylim=(0, 100))
     fig.suptitle(f"ELF evaluation: {report['dataset']}")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def log_report(report: dict[str, Any], run_id: str, samples_path: Path, plot_path: Path) -> None:

@@ -12,7 +12,6 @@ max_length − max_input_length tokens (§7), cut at the first EOS.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,13 @@ import torch
 
 from elf.config import DatasetConfig, SampleConfig
 from elf.data.layout import stack_seq2seq
-from elf.data.shards import iter_column, iter_parquet_batches, read_json
+from elf.data.shards import iter_column, iter_parquet_batches
 from elf.data.tokenizer import load_tokenizer, tokenizer_hash
 from elf.data.tokens import FORMAT as TOKENS_FORMAT
 from elf.data.tokens import is_blank
 from elf.encoders import FrozenEncoder, load_encoder
 from elf.errors import ElfError
+from elf.files import atomic_file, read_json
 from elf.model import load_model
 from elf.sample import SamplerConfig, conditional_texts, generate, ids_to_texts
 
@@ -117,13 +117,7 @@ def sample_dataset(name: str, dataset: DatasetConfig, settings: SampleConfig, mo
                              "seconds_per_sample": round(per_sample, 6)})
             print(f"sample {name}/{sampler_name} seed {seed}: {len(texts)} samples, {out.nfe} network evaluations "
                   f"each, {len(texts) / out.seconds:.1f} samples/s")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out_path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return len(rows)

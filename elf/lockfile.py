@@ -13,7 +13,6 @@ when it is broken, with a notice; run by hand, an `elf` stage prints the one com
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from elf.config import parse_yaml
 from elf.errors import ElfError
+from elf.files import atomic_file
 
 LOCK = "dvc.lock"
 GOOD_COPY = Path(".dvc") / "tmp" / "elf-dvc.lock.good"
@@ -67,12 +67,8 @@ def lock_problem(project: Path) -> str | None:
 
 
 def _copy_atomically(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(target) as tmp:
         shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_good_copy(project: Path) -> bool:

@@ -37,11 +37,19 @@ from tqdm import tqdm
 from elf import checkpoint as ckpt
 from elf.config import DatasetConfig, TrainSettings
 from elf.data.loader import TrainLoader
-from elf.data.shards import read_json, read_manifest, write_json_atomic
+from elf.data.shards import read_manifest
 from elf.data.tokens import FORMAT as TOKENS_FORMAT
 from elf.distributed import Dist, barrier, init_distributed, shutdown
 from elf.encoders import load_encoder
 from elf.errors import ElfError
+from elf.files import (
+    atomic_file,
+    atomic_output_dir,
+    naming_os_errors,
+    read_json,
+    write_json_atomic,
+    write_text_atomic,
+)
 from elf.flow import ObjectiveConfig
 from elf.hashing import file_sha256
 from elf.model import ELF, build_model, num_parameters, save_model
@@ -174,22 +182,31 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier(self.d)
+        try:
+            with naming_os_errors(ckpt.step_dir(root, self.step), temporary=tmp):
+                self._write_checkpoint_files(tmp)
+                barrier(self.d)
+                if self.d.main:
+                    ckpt.finalise(root, self.step, self.settings.keep_checkpoints)
+        except BaseException:  # a full disk, a kill signal: no half-written checkpoint stays behind
+            if self.d.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        barrier(self.d)
+
+    def _write_checkpoint_files(self, tmp: Path) -> None:
         ckpt.save_tensors(tmp / f"rank-{self.d.rank}-rng.safetensors", ckpt.rng_state())
         ckpt.write_json(tmp / f"rank-{self.d.rank}.json", {"loader": self.loader.state_dict()})
         if self.d.main:
             ckpt.save_tensors(tmp / "model.safetensors", self.model.state_dict())
             ema = self.ema.state_dict()
             ckpt.save_tensors(tmp / "ema.safetensors", ema["shadow"])
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            ckpt.save_optimizer_state(tmp / "optimizer.pt", self.optimizer.state_dict())
             ckpt.write_json(tmp / "trainer.json", {
                 "step": self.step, "world_size": self.d.world, "scheduler": self.scheduler.state_dict(),
                 "ema": {"decay": ema["decay"], "num_updates": ema["num_updates"]}, "history": self.history,
                 "mlflow_run_id": self.mlflow_run_id, "fingerprint": self.fingerprint, "run_record": self.run_record,
             })
-        barrier(self.d)
-        if self.d.main:
-            ckpt.finalise(root, self.step, self.settings.keep_checkpoints)
-        barrier(self.d)
 
     def resume(self) -> bool:
         """Restore the newest checkpoint, if any. A corrupt one is an error, not a fresh start."""
@@ -260,10 +277,9 @@ def _plot_loss(history: list[dict[str, float]], path: Path, title: str) -> None:
         ax.set_xlabel("step")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _mlflow_context(trainer: Trainer, params: dict[str, Any]):
@@ -382,11 +398,8 @@ def _finish(trainer: Trainer, run) -> dict[str, Any]:
                 "tokenizer_hash": trainer.tokens_manifest["tokenizer_hash"],
                 "encoder_content_hash": read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"],
                 "objective": asdict(trainer.objective), "mlflow_run_id": trainer.mlflow_run_id}
-    tmp = paths.out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(ema_model, tmp, metadata)
-    shutil.rmtree(paths.model, ignore_errors=True)
-    os.replace(tmp, paths.model)
+    with atomic_output_dir(paths.model) as tmp:
+        save_model(ema_model, tmp, metadata)
     last = trainer.history[-1] if trainer.history else {}
     summary = {"dataset": trainer.name, "steps": trainer.step, "mlflow_run_id": trainer.mlflow_run_id,
                **{k: last[k] for k in ("loss", "mse", "ce", "decode_acc", "tokens_per_s") if k in last}}
@@ -398,6 +411,6 @@ def _finish(trainer: Trainer, run) -> dict[str, Any]:
 
         mlflow.log_artifacts(str(paths.model), artifact_path="model")
         mlflow.log_artifact(str(paths.metrics / "train_loss.png"))
-    (paths.out / "mlflow_run_id").write_text(f"{trainer.mlflow_run_id}\n", encoding="utf-8")
+    write_text_atomic(paths.out / "mlflow_run_id", f"{trainer.mlflow_run_id}\n")
     print(json.dumps(summary))
     return summary

@@ -5,12 +5,14 @@ DVC owns the DAG, staleness and caching, so a flow step is `dvc repro <targets>`
 by DVC, a stale one reruns, and `dvc.lock` records exactly what ran. This module starts those commands,
 streams their output into the Prefect log, and sorts failures into two kinds:
 
-- permanent: a stage exited with status 2, which every `elf` stage uses for bad input (a bad parameter,
-  an unknown dataset, a missing file) together with a one-line `error: ...` message. Retrying cannot help,
-  so it raises `PermanentStageError` carrying that line, and the tasks' retry condition refuses to retry it;
+- permanent: a stage exited with status 2 (bad input: a bad parameter, an unknown dataset, a missing file)
+  or 3 (the machine refuses the work: disk full, read-only, a size limit), together with a one-line
+  `error: ...` message (elf/errors.py). Retrying cannot help, so it raises `PermanentStageError` carrying
+  that line, and the tasks' retry condition refuses to retry it;
 - transient: any other failure (a killed process, out of memory, a lost node, a DVC lock held by another
-  run). It raises `StageFailed` and is retried; a retried `train@<ds>` resumes from its newest checkpoint
-  because the stage itself does (`persist: true` keeps the checkpoints across `dvc repro` runs).
+  run, a passing I/O error, exit 75). It raises `StageFailed` and is retried; a retried `train@<ds>`
+  resumes from its newest checkpoint because the stage itself does (`persist: true` keeps the checkpoints
+  across `dvc repro` runs).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from elf.errors import PERMANENT_EXIT_CODES
+
 # DVC's summary line for a failed stage command, e.g. "failed to run: elf train owt, exited with 2".
 _EXIT_STATUS = re.compile(r"failed to run: .*, exited with (-?\d+)")
-PERMANENT_EXIT_STATUS = 2
 
 
 class StageFailed(RuntimeError):
@@ -54,7 +57,7 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def classify(returncode: int, output_lines: Sequence[str], args: Sequence[str]) -> Exception:
-    """The exception for a failed `dvc repro`: permanent when a stage exited 2, else transient.
+    """The exception for a failed `dvc repro`: permanent when a stage exited 2 or 3, else transient.
 
     The message is the stage's own `error:` line when there is one (that is what the user must fix),
     else DVC's last `ERROR:` message (with the lines that continue it, e.g. which process holds a lock),
@@ -65,7 +68,7 @@ def classify(returncode: int, output_lines: Sequence[str], args: Sequence[str]) 
         if match := _EXIT_STATUS.search(line):
             stage_status = int(match.group(1))
     errors = [line.strip() for line in output_lines if line.startswith("error: ")]
-    if stage_status == PERMANENT_EXIT_STATUS and errors:
+    if stage_status in PERMANENT_EXIT_CODES and errors:
         return PermanentStageError(errors[-1])
     starts = [i for i, line in enumerate(output_lines) if line.startswith("ERROR: ")]
     if errors:
@@ -244,7 +247,7 @@ def apply_overrides(project: Path, overrides: dict[str, Any]) -> list[str]:
     loader before it replaces the original, so a bad value fails here with the same one-line error a
     stage would print, and params.yaml is left untouched. Comments and order are kept (ruamel).
     """
-    from elf.config import config_from_dict, params_yaml, read_yaml
+    from elf.config import params_yaml, write_params
     from elf.errors import ElfError
 
     path = project / "params.yaml"
@@ -263,15 +266,8 @@ def apply_overrides(project: Path, overrides: dict[str, Any]) -> list[str]:
             changed.append(f"{dotted}={value!r}")
     if not changed:
         return []
-    tmp = path.with_name(f".{path.name}.overrides-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            round_trip.dump(document, handle)
-        try:
-            config_from_dict(read_yaml(tmp), source="params.yaml")
-        except ElfError as error:
-            raise PermanentStageError(f"error: {error}") from None
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        write_params(document, path, source="params.yaml")
+    except ElfError as error:
+        raise PermanentStageError(f"error: {error}") from None
     return changed

@@ -1,5 +1,6 @@
 """Shared test setup: offline, telemetry off, and helpers to run the real `elf` command."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -41,3 +42,51 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+STAGES = [["prepare", "owt"], ["tokenizer"], ["tokenize", "owt"], ["encoder"], ["embed", "owt"], ["train", "owt"],
+          ["sample", "owt"], ["evaluate", "owt"]]
+
+
+def tiny_owt_params() -> dict:
+    """The demo configuration cut to one small dataset: every stage runs in seconds."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["datasets"] = {"owt": params["datasets"]["owt"]}
+    params["datasets"]["owt"]["demo"].update(train_size=120, validation_size=10)
+    params["tokenizer"]["vocab_size"] = 300
+    params["embed"]["cache"] = {"owt": True}
+    params["train"]["defaults"].update(steps=2, batch_size=4, checkpoint_every=2, log_every=1,
+                                       model={"depth": 1, "hidden": 32, "heads": 2, "bottleneck": 16})
+    params["train"]["datasets"] = {}
+    params["sample"].update(num_samples=2, batch_size=2, seeds=[0])
+    params["sample"]["samplers"] = {"owt": [{"name": "ode-2", "kind": "ode", "steps": 2, "guidance": 3.0}]}
+    params["evaluate"].update(primary_metric={}, register_model=False)
+    return params
+
+
+@contextlib.contextmanager
+def inside(directory: Path):
+    """Run with `directory` as the working directory (the `elf` stages' paths are relative to it)."""
+    before = Path.cwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> Path:
+    """A small owt-only project with every stage run once (in this process): copy it, never change it."""
+    import yaml
+
+    from elf.cli import main
+
+    root = tmp_path_factory.mktemp("built")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_owt_params(), sort_keys=False))
+    with inside(root):
+        for args in STAGES:
+            assert main(args) == 0, args
+    return root

@@ -17,9 +17,10 @@ import torch
 from elf.data.embed import embed_dataset
 from elf.data.layout import layout_lm, layout_seq2seq, stack_lm, stack_seq2seq
 from elf.data.loader import TrainLoader, batch_tokens, encoder_content_hash
-from elf.data.shards import MANIFEST, write_json_atomic
+from elf.data.shards import MANIFEST
 from elf.encoders import gaussian_encoder, load_encoder
 from elf.errors import ElfError
+from elf.files import write_json_atomic
 from tests.test_embed import lm_rows, make_gaussian_encoder_dir, make_t5_encoder_dir, seq2seq_rows, write_tokens
 
 L, MAX_INPUT = 20, 8

@@ -111,6 +111,16 @@ def test_a_stage_exiting_2_is_permanent_and_carries_its_error_line():
     assert str(busy).endswith("is busy, it is being blocked by: (PID 7: dvc repro train@wmt14)")
 
 
+@pytest.mark.parametrize("status, permanent", [(3, True), (75, False)])
+def test_a_full_disk_is_not_retried_and_a_passing_io_error_is(status, permanent):
+    """elf/errors.py: 3 = the machine refuses the work (fix it first), 75 = a passing OS failure."""
+    lines = ["> elf tokenize owt", "error: data/tokens/owt: No space left on device (free some space, then rerun)",
+             f"ERROR: failed to reproduce 'tokenize@owt': failed to run: elf tokenize owt, exited with {status}"]
+    error = classify(255, lines, ["repro", "tokenize@owt"])
+    assert isinstance(error, PermanentStageError if permanent else StageFailed)
+    assert "data/tokens/owt: No space left on device" in str(error)
+
+
 def test_overrides_are_validated_before_params_yaml_changes(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     params = tmp_path / "params.yaml"

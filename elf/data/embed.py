@@ -22,7 +22,6 @@ Layout of `data/embeddings/<ds>/<split>/` (one directory per split of `data/toke
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,11 @@ from tqdm import tqdm
 
 from elf.config import SPLITS
 from elf.data.layout import row_checksum, stack_lm, stack_seq2seq
-from elf.data.shards import MANIFEST, open_parquet, read_json, verify_shards, write_json_atomic
+from elf.data.shards import MANIFEST, open_parquet, verify_shards
 from elf.data.tokens import FORMAT as TOKENS_FORMAT
 from elf.encoders import ENCODER_JSON, FrozenEncoder, load_encoder
 from elf.errors import ElfError
+from elf.files import atomic_file, read_json, write_json_atomic
 from elf.hashing import file_sha256
 
 FORMAT = "elf-embeddings/1"
@@ -176,9 +176,8 @@ def embed_shard(encoder: FrozenEncoder, task: str, token_path: Path, out_path: P
     Returns the row-group sizes. Memory holds one row group's embeddings at a time.
     """
     source = open_parquet(token_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     sizes = []
-    try:
+    with atomic_file(out_path) as tmp:
         with pq.ParquetWriter(tmp, schema(task), compression=COMPRESSION, use_dictionary=["token_crc32"],
                               write_statistics=["token_crc32"]) as writer:
             for index in range(source.num_row_groups):
@@ -189,9 +188,6 @@ def embed_shard(encoder: FrozenEncoder, task: str, token_path: Path, out_path: P
         written = [pq.ParquetFile(tmp).metadata.row_group(i).num_rows for i in range(len(sizes))]
         if written != sizes or pq.ParquetFile(tmp).num_row_groups != len(sizes):
             raise RuntimeError(f"{out_path}: row groups {written} do not match the token shard's {sizes}")
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return sizes
 
 

@@ -50,10 +50,11 @@ import torch
 from elf.data.embed import FORMAT as EMBEDDINGS_FORMAT
 from elf.data.embed import TOKEN_COLUMNS, VECTOR_COLUMNS, row_vectors, token_rows
 from elf.data.layout import loss_mask, row_checksum, stack_lm, stack_seq2seq
-from elf.data.shards import MANIFEST, open_parquet, read_json, read_manifest
+from elf.data.shards import MANIFEST, open_parquet, read_manifest
 from elf.data.tokens import FORMAT as TOKENS_FORMAT
 from elf.encoders import ENCODER_JSON, FrozenEncoder
 from elf.errors import ElfError
+from elf.files import read_json
 from elf.hashing import file_sha256
 
 STATE_FORMAT = "elf-loader-state/1"

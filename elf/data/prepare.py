@@ -8,6 +8,7 @@ it is the exact-likelihood oracle the evaluation stage scores generated text wit
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,9 @@ import numpy as np
 
 from elf.config import DatasetConfig
 from elf.data import demo, sources
-from elf.data.shards import atomic_output_dir
+from elf.data.tokens import is_blank
+from elf.errors import ElfError
+from elf.files import atomic_output_dir
 
 GRAMMAR_FILE = "grammar.json"
 _SPLIT_INDEX = {"train": 0, "validation": 1, "test": 2}
@@ -71,8 +74,27 @@ def _hub_splits(dataset: DatasetConfig) -> dict[str, Iterator[dict]]:
     return out
 
 
+def _origin(name: str, dataset: DatasetConfig, split: str) -> str:
+    """Where a split's rows come from, for error messages: the user's file, the hub dataset, or the demo."""
+    if dataset.source == "files":
+        return dataset.files.splits[split]
+    if dataset.source == "hub":
+        return f"{dataset.hub.path} ({split} split)"
+    return f"the demo generator of {name}"
+
+
+def _counting_usable(rows: Iterator[dict], columns: list[str], usable: collections.Counter) -> Iterator[dict]:
+    """Pass rows through, counting in `usable["rows"]` those with text in every column."""
+    for row in rows:
+        usable["rows"] += not any(is_blank(row[c]) for c in columns)
+        yield row
+
+
 def prepare_dataset(name: str, dataset: DatasetConfig, seed: int, out_dir: Path) -> dict[str, int]:
-    """Write every split of one dataset atomically; returns rows per split."""
+    """Write every split of one dataset atomically; returns rows per split.
+
+    A split without one row that has text in every column is an error here, where the data is made, not
+    several stages later (the output is then not written)."""
     counts = {}
     with atomic_output_dir(out_dir) as tmp:
         if dataset.source == "demo":
@@ -83,6 +105,12 @@ def prepare_dataset(name: str, dataset: DatasetConfig, seed: int, out_dir: Path)
             files = dataset.files
             splits = {split: sources.iter_file_rows(path, files.fields, files.format)
                       for split, path in files.splits.items()}
+        columns = list(dataset.columns)
         for split, rows in splits.items():
-            counts[split] = sources.write_rows_parquet(rows, tmp / f"{split}.parquet", list(dataset.columns))
+            usable = collections.Counter()
+            counts[split] = sources.write_rows_parquet(_counting_usable(rows, columns, usable),
+                                                       tmp / f"{split}.parquet", columns)
+            if not usable["rows"]:
+                raise ElfError(f"{_origin(name, dataset, split)}: the {split} split of {name} has no row with text "
+                               f"in every column ({', '.join(columns)}); {counts[split]} row(s) read")
     return counts

@@ -1,16 +1,11 @@
 """Few, large Parquet shards with a manifest, written atomically and read back as a stream.
 
-A stage writes its whole output directory under a temporary sibling name and renames it into place
-only when every shard and the manifest are complete, so a crash or kill never leaves a torn output:
-the next run removes the leftovers and starts that output again.
+A stage writes its whole output directory with `elf.files.atomic_output_dir`: it appears only when every
+shard and the manifest are complete, so a crash or kill never leaves a torn output.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,68 +15,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from elf.errors import ElfError
+from elf.files import read_json
 from elf.hashing import file_sha256
 
 MANIFEST = "manifest.json"
-
-
-def _tmp_prefix(final: Path) -> str:
-    return f".{final.name}.tmp-"
-
-
-@contextlib.contextmanager
-def atomic_output_dir(final: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory that replaces `final` only if the block succeeds.
-
-    Leftover temporary directories of killed runs are removed first. On any exception the temporary
-    directory is deleted and `final` is left as it was.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(_tmp_prefix(final) + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.parent / f"{_tmp_prefix(final)}{os.getpid()}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory `src` to `dst`, replacing it; the old `dst` is moved aside first, then deleted."""
-    if dst.exists():
-        trash = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.replace(dst, trash)
-        os.replace(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def read_json(path: str | Path, what: str = "file") -> dict[str, Any]:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ElfError(f"{path}: {what} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ElfError(f"{path}: {what} is not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ElfError(f"{path}: {what} must be a JSON object")
-    return data
 
 
 class ShardWriter:

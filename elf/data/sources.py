@@ -33,7 +33,6 @@ If a default stops resolving, any revision with Parquet files and the same colum
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from elf.errors import ElfError
+from elf.files import atomic_file
 
 FILE_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "txt"}
 
@@ -314,22 +314,18 @@ def write_rows_parquet(
 ) -> int:
     """Stream ``rows`` into a Parquet file of string ``columns``; return how many rows were written.
 
-    Written to ``<out>.tmp-<pid>`` beside the target and moved into place with `os.replace`, so a crash
-    or a bad row never leaves a half-written file where DVC would take it for a finished output.
-    Rows are written as given: empty texts are counted and dropped later, by the tokenize stage.
+    Written with `elf.files.atomic_file`, so a crash or a bad row never leaves a half-written file where DVC
+    would take it for a finished output. Rows are written as given: empty texts are counted and dropped
+    later, by the tokenize stage.
     """
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     if not columns or len(set(columns)) != len(columns):
         raise ValueError(f"columns must be non-empty and unique, got {columns}")
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
     schema = pa.schema([(c, pa.string()) for c in columns])
     buffer: dict[str, list[str]] = {c: [] for c in columns}
     count = 0
-    writer = pq.ParquetWriter(tmp, schema)
-    try:
+    with atomic_file(out_path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for row in rows:
             for c in columns:
                 buffer[c].append(row[c])
@@ -339,13 +335,4 @@ def write_rows_parquet(
                 buffer = {c: [] for c in columns}
         if buffer[columns[0]]:
             writer.write_table(pa.Table.from_pydict(buffer, schema=schema))
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            writer.close()
-        except Exception:  # already failing; the original error is the one to report
-            pass
-        tmp.unlink(missing_ok=True)
-        raise
     return count

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from elf.config import NUM_SENTINELS, NUM_SPECIAL_TOKENS
-from elf.data.shards import atomic_output_dir
 from elf.errors import ElfError
+from elf.files import atomic_output_dir
 from elf.hashing import directory_hash
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"

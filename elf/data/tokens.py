@@ -40,16 +40,10 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from elf.config import SPLITS, DatasetConfig, TokenizeConfig
-from elf.data.shards import (
-    MANIFEST,
-    ShardWriter,
-    atomic_output_dir,
-    iter_parquet_batches,
-    open_parquet,
-    write_json_atomic,
-)
+from elf.data.shards import MANIFEST, ShardWriter, iter_parquet_batches, open_parquet
 from elf.data.tokenizer import EOS_ID, PAD_ID, load_tokenizer, tokenizer_hash
 from elf.errors import ElfError
+from elf.files import atomic_output_dir, write_json_atomic
 from elf.hashing import file_sha256
 
 FORMAT = "elf-tokens/2"
@@ -195,6 +189,8 @@ class _Encoder:
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:  # a batch whose rows were all blank; the tokenizer cannot take an empty list
+        return []
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
@@ -304,6 +300,9 @@ def tokenize_dataset(
             split_dir.mkdir()
             manifest = tokenize_split(raw_path, split_dir, dataset, settings, encoder, tok_hash, vocab_size,
                                       name, split)
+            if not manifest["rows"]:
+                raise ElfError(f"{raw_path}: no row with text in every column ({', '.join(dataset.columns)}); "
+                               f"{manifest['documents']} row(s) read")
             write_json_atomic(split_dir / MANIFEST, manifest)
             manifests[split] = manifest
     return manifests
