@@ -202,6 +202,11 @@ CASES = [
          setup=edit_json("data/tokens/owt/train/manifest.json", lambda m: m.update(format="elf-tokens/1"))),
     Case("input-token-shard-missing", ["embed", "owt"], "shard listed in the manifest is missing",
          setup=remove("data/tokens/owt/train/part-00000.parquet")),
+    # A tokenizer directory that asks to run its own code: refused (trust_remote_code=False), nothing runs.
+    Case("input-tokenizer-wants-remote-code", ["tokenize", "owt"], "data/tokenizer: not a loadable tokenizer",
+         setup=both(edit_json("data/tokenizer/tokenizer_config.json", lambda c: c.update(
+             tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]})),
+             write("data/tokenizer/evil.py", "import pathlib\npathlib.Path('REMOTE_CODE_RAN').touch()\n"))),
     Case("input-encoder-record-missing", ["embed", "owt"], "data/encoder/encoder.json",
          setup=remove("data/encoder/encoder.json")),
     # model and checkpoint directories
