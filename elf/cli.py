@@ -78,6 +78,7 @@ def _encoder(args, config) -> None:
     elif settings.kind == "gaussian":
         encoder = encoders.gaussian_encoder(vocab_size, settings.gaussian_dim, config.seed)
     else:
+        from elf.scratch_encoder import train_scratch_encoder
         from elf.tracking import mlflow_run
 
         scratch = settings.scratch
@@ -89,7 +90,7 @@ def _encoder(args, config) -> None:
         with mlflow_run("elf-encoder", "scratch-encoder", params={"encoder": settings.model_dump()}) as run:
             import mlflow
 
-            encoder, losses = encoders.train_scratch_encoder(
+            encoder, losses = train_scratch_encoder(
                 rows, vocab_size, scratch.d_model, scratch.num_layers, scratch.num_heads, scratch.d_ff,
                 scratch.steps, scratch.batch_size, scratch.max_length, scratch.lr, config.seed,
                 log_fn=lambda step, loss: mlflow.log_metric("span_corruption_loss", loss, step=step),

@@ -19,11 +19,10 @@ from ruamel.yaml.representer import RoundTripRepresenter
 
 from elf.errors import ElfError
 from elf.files import atomic_file
+from elf.vocab import NUM_SENTINELS, NUM_SPECIAL_TOKENS
 
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
-NUM_SPECIAL_TOKENS = 3  # <pad>=0, </s>=1, <unk>=2 (T5 convention, elf-method §2)
-NUM_SENTINELS = 100  # <extra_id_*> tokens, as in t5-small (span corruption for a scratch encoder)
 PRESETS_DIR = Path(__file__).parent / "presets"
 _DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 

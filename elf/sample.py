@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor
 
-from elf.data.layout import EOS_ID, PAD_ID
 from elf.errors import ElfError
 from elf.runtime import autocast
+from elf.vocab import EOS_ID, PAD_ID
 
 #: x̂ = denoiser(z [B, L, d], x̂_prev [B, L, d], t [B], w [B]): the clean-embedding prediction, [B, L, d] fp32.
 Denoiser = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]

@@ -20,13 +20,14 @@ import torch
 from transformers import T5Config, T5EncoderModel
 
 from elf.data.embed import embed_dataset, row_vectors, token_rows
-from elf.data.layout import EOS_ID, layout_lm, layout_seq2seq, row_checksum
+from elf.data.layout import layout_lm, layout_seq2seq, row_checksum
 from elf.data.shards import MANIFEST, ShardWriter
 from elf.data.tokens import FORMAT as TOKENS_FORMAT
 from elf.encoders import gaussian_encoder, load_encoder, load_pretrained_encoder, save_encoder
 from elf.errors import ElfError
 from elf.files import write_json_atomic
 from elf.hashing import file_sha256
+from elf.vocab import EOS_ID
 from tests.conftest import REPO
 
 VOCAB = 50

@@ -11,17 +11,16 @@ from transformers import T5Config, T5EncoderModel
 
 import elf.encoders as encoders
 from elf.encoders import (
-    NUM_SENTINELS,
     FrozenEncoder,
     conditional_attention_mask,
     gaussian_encoder,
     load_encoder,
     load_pretrained_encoder,
     save_encoder,
-    span_corrupt,
-    train_scratch_encoder,
 )
 from elf.errors import ElfError
+from elf.scratch_encoder import span_corrupt, train_scratch_encoder
+from elf.vocab import NUM_SENTINELS
 
 VOCAB = 64
 TOKENIZER_HASH = "a" * 64

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from elf.data.demo import build_grammar, generate_lm
-from elf.data.tokenizer import EOS_ID, PAD_ID, train_unigram_tokenizer
+from elf.data.tokenizer import train_unigram_tokenizer
 from elf.errors import ElfError
 from elf.model import build_model
 from elf.sample import (
@@ -19,6 +19,7 @@ from elf.sample import (
     source_starts,
     uniform_grid,
 )
+from elf.vocab import EOS_ID, PAD_ID
 
 S = 2.0  # §2 noise scale
 

@@ -15,9 +15,10 @@ import yaml
 
 from elf.config import DatasetConfig, TokenizeConfig
 from elf.data.shards import verify_shards
-from elf.data.tokenizer import EOS_ID, build_tokenizer, load_tokenizer
+from elf.data.tokenizer import build_tokenizer, load_tokenizer
 from elf.data.tokens import RowPacker, pack_documents, paragraphs_of, tokenize_dataset, truncate_pair
 from elf.errors import ElfError
+from elf.vocab import EOS_ID
 from tests.conftest import BIN, REPO, run_elf
 
 WORDS = "the a old red dog cat sees runs house ball in on quickly big small man woman eats".split()

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-PAD_ID, EOS_ID = 0, 1
+from elf.vocab import EOS_ID, PAD_ID
+
 TASKS = ("lm", "seq2seq")
 
 Ids = Sequence[int] | np.ndarray

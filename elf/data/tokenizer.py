@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from elf.config import NUM_SENTINELS, NUM_SPECIAL_TOKENS
 from elf.errors import ElfError
 from elf.files import atomic_output_dir
 from elf.hashing import directory_hash
+from elf.vocab import EOS_ID, NUM_SENTINELS, NUM_SPECIAL_TOKENS, PAD_ID, UNK_ID
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 TOKENIZER_ALGORITHMS = ("bpe", "unigram")
 
 

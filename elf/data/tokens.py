@@ -41,10 +41,11 @@ from tqdm import tqdm
 
 from elf.config import SPLITS, DatasetConfig, TokenizeConfig
 from elf.data.shards import MANIFEST, ShardWriter, iter_parquet_batches, open_parquet
-from elf.data.tokenizer import EOS_ID, PAD_ID, load_tokenizer, tokenizer_hash
+from elf.data.tokenizer import load_tokenizer, tokenizer_hash
 from elf.errors import ElfError
 from elf.files import atomic_output_dir, write_json_atomic
 from elf.hashing import file_sha256
+from elf.vocab import EOS_ID, PAD_ID
 
 FORMAT = "elf-tokens/2"
 TOKEN_TYPE = pa.list_(pa.int32())
