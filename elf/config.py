@@ -393,9 +393,11 @@ class Config(_Strict):
         unknown = set(self.embed.cache) ^ set(self.datasets)
         if unknown:
             raise ValueError(f"embed.cache must name every dataset exactly once (check: {sorted(unknown)})")
-        unknown = set(self.train.datasets) - set(self.datasets)
+        # Each dataset's stages depend on its own sections only (dvc.yaml), so each must exist, `{}` at least.
+        unknown = set(self.train.datasets) ^ set(self.datasets)
         if unknown:
-            raise ValueError(f"train.datasets names unknown datasets {sorted(unknown)}")
+            raise ValueError(f"train.datasets must name every dataset exactly once, {{}} for no changes to the "
+                             f"defaults (check: {sorted(unknown)})")
         unknown = set(self.sample.samplers) ^ set(self.datasets)
         if unknown:
             raise ValueError(f"sample.samplers must list every dataset exactly once (check: {sorted(unknown)})")

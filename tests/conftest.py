@@ -59,7 +59,7 @@ def tiny_owt_params() -> dict:
     params["embed"]["cache"] = {"owt": True}
     params["train"]["defaults"].update(steps=2, batch_size=4, checkpoint_every=2, log_every=1,
                                        model={"depth": 1, "hidden": 32, "heads": 2, "bottleneck": 16})
-    params["train"]["datasets"] = {}
+    params["train"]["datasets"] = {"owt": {}}
     params["sample"].update(num_samples=2, batch_size=2, seeds=[0])
     params["sample"]["samplers"] = {"owt": [{"name": "ode-2", "kind": "ode", "steps": 2, "guidance": 3.0}]}
     params["evaluate"].update(primary_metric={}, register_model=False)

@@ -112,6 +112,17 @@ def test_dvc_repro_runs_every_stage_and_second_run_does_nothing(project):
         assert (project / "dvc.lock").read_text() == lock
         assert "Data and pipelines are up to date." in run(str(BIN / "dvc"), "repro", cwd=project)
 
+    # One dataset's setting marks that dataset's stage only (each stage depends on its own params sections).
+    original = (project / "params.yaml").read_text()
+    for change, stage in [(lambda p: p["train"]["datasets"]["wmt14"].update(steps=5), "train@wmt14"),
+                          (lambda p: p["sample"]["samplers"]["owt"][0].update(steps=5), "sample@owt")]:
+        params = yaml.safe_load(original)
+        change(params)
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        status = json.loads(run(str(BIN / "dvc"), "status", "--json", cwd=project))
+        assert list(status) == [stage], status
+    (project / "params.yaml").write_text(original)
+
     # Changing the evaluation seeds reruns sampling and evaluation only, never training.
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["sample"]["seeds"] = [0]
