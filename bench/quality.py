@@ -54,8 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config()
     dataset = config.datasets["owt"]
-    model, _, encoder, tokenizer = load_trained(Path("models/owt/model"), "owt", Path("data/encoder"),
-                                                Path("data/tokenizer"), torch.device("cpu"))
+    trained = load_trained(Path("models/owt/model"), "owt", torch.device("cpu"))
+    model, encoder, tokenizer = trained.network, trained.encoder, trained.tokenizer
     packing = read_manifest(Path("data/tokens/owt/train"))["packing"]
     scorer = Scorer(dataset, config.evaluate, Path("data/raw/owt"), load_tokenizer("data/tokenizer"), "cpu", packing)
     torch.manual_seed(0)

@@ -126,7 +126,8 @@ def _train(args, config) -> int | None:
     embeddings = EMBEDDINGS_DIR / args.dataset / "train"
     cached = read_json(embeddings / "manifest.json", "embeddings manifest").get("cached", False)
     paths = TrainPaths(tokens=TOKENS_DIR / args.dataset / "train", embeddings=embeddings if cached else None,
-                       encoder=ENCODER_DIR, out=MODELS_DIR / args.dataset, metrics=METRICS_DIR / args.dataset)
+                       encoder=ENCODER_DIR, tokenizer=TOKENIZER_DIR, out=MODELS_DIR / args.dataset,
+                       metrics=METRICS_DIR / args.dataset)
     train(args.dataset, dataset, config.train.for_dataset(args.dataset), config.seed, paths,
           stop_after=args.stop_after)
 
@@ -134,49 +135,30 @@ def _train(args, config) -> int | None:
 def _sample(args, config) -> None:
     from elf.generation import sample_dataset
 
-    if args.model is not None:
-        return _sample_interactively(args)
     if args.dataset is None:
         raise ElfError("elf sample: give a dataset (the stage) or --model DIR (print a few samples)")
     dataset = config.dataset(args.dataset)
-    count = sample_dataset(args.dataset, dataset, config.sample, MODELS_DIR / args.dataset / "model", ENCODER_DIR,
-                           TOKENIZER_DIR, TOKENS_DIR / args.dataset, RAW_DIR / args.dataset,
-                           SAMPLES_DIR / f"{args.dataset}.jsonl")
+    count = sample_dataset(args.dataset, dataset, config.sample, MODELS_DIR / args.dataset / "model",
+                           TOKENS_DIR / args.dataset, RAW_DIR / args.dataset, SAMPLES_DIR / f"{args.dataset}.jsonl")
     print(f"sample {args.dataset}: {count} rows → {SAMPLES_DIR / f'{args.dataset}.jsonl'}")
 
 
-def _sample_interactively(args) -> None:
-    import torch
+def _sample_from_model(args) -> None:
+    """`elf sample --model DIR`: a few samples of a model directory, from anywhere (no project needed)."""
+    import json
 
-    from elf.data.tokens import truncate_source
-    from elf.generation import encode_sources, load_trained
-    from elf.sample import SamplerConfig, conditional_texts, generate, ids_to_texts
+    from elf.pretrained import ELFPipeline
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_dir = Path(args.model)
-    from elf.model import load_model
-
-    _, meta = load_model(model_dir)
-    model, meta, encoder, tokenizer = load_trained(model_dir, meta.get("dataset"), Path(args.encoder),
-                                                   Path(args.tokenizer), device)
-    cfg = SamplerConfig(kind=args.kind, steps=args.steps, gamma=args.gamma, guidance=args.guidance,
-                        cfg_scale=args.cfg_scale)
-    if meta["task"] == "seq2seq":
-        if not args.source:
-            raise ElfError(f"{model_dir}: a {meta['dataset']} model needs --source TEXT")
-        ids = truncate_source(tokenizer(args.source, add_special_tokens=False)["input_ids"], meta["max_input_length"])
-        source, mask = encode_sources(encoder, [ids] * args.num, meta["max_length"])
-        out = generate(model, encoder.dim, meta["max_length"], args.num, cfg, args.seed, device, source=source,
-                       source_mask=mask, progress=False)
-        texts = conditional_texts(out.ids, tokenizer, mask, meta["max_length"], meta["max_input_length"])
-    else:
-        if args.source:
-            raise ElfError(f"{model_dir}: a {meta['dataset']} model is unconditional: --source does not apply")
-        out = generate(model, encoder.dim, meta["max_length"], args.num, cfg, args.seed, device,
-                       num_samples=args.num, progress=False)
-        texts = ids_to_texts(out.ids, tokenizer)
+    pipeline = ELFPipeline.load(args.model, _gpu_or_cpu())
+    sampler = {k: getattr(args, k) for k in ("kind", "steps", "gamma", "guidance", "cfg_scale")}
+    try:
+        texts = pipeline.generate(args.num, source=args.source, seed=args.seed, **sampler)
+    except ElfError as error:
+        raise ElfError(f"{args.model}: {error}") from None
+    settings = pipeline.sampler(**sampler).to_dict()
     for i, text in enumerate(texts):
-        print(f"[{i}] {text}")
+        print(json.dumps({"index": i, "text": text, "source": args.source, "sampler": settings}, ensure_ascii=False)
+              if args.json else f"[{i}] {text}")
 
 
 def _evaluate(args, config) -> None:
@@ -315,17 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     stage = commands.add_parser("sample", help="sample with every configured sampler → samples/<dataset>.jsonl; "
                                 "or print a few samples of a model (--model DIR)")
     stage.add_argument("dataset", nargs="?")
-    stage.add_argument("--model", help="a trained model directory (e.g. models/owt/model): print samples")
-    stage.add_argument("--steps", type=_positive_int, default=32)
-    stage.add_argument("--kind", default="sde", choices=["ode", "sde"])
-    stage.add_argument("--gamma", type=float, default=1.5)
-    stage.add_argument("--guidance", type=float, default=3.0, help="SC-CFG scale w")
-    stage.add_argument("--cfg-scale", type=float, default=1.0, help="input-CFG scale ω (conditional models)")
-    stage.add_argument("--source", help="source text for a conditional model")
-    stage.add_argument("-n", "--num", type=_positive_int, default=4, help="number of samples")
-    stage.add_argument("--seed", type=int, default=0)
-    stage.add_argument("--encoder", default=str(ENCODER_DIR))
-    stage.add_argument("--tokenizer", default=str(TOKENIZER_DIR))
+    stage.add_argument("--model", metavar="DIR", help="a trained model directory (e.g. models/owt/model, or a copy "
+                       "anywhere): print samples; the sampler defaults to the paper's for the model's task")
+    stage.add_argument("--steps", type=_positive_int, help="denoising steps (lm 32, seq2seq 64)")
+    stage.add_argument("--kind", choices=["ode", "sde"], help="sampler (lm sde, seq2seq ode)")
+    stage.add_argument("--gamma", type=float, help="SDE re-injection strength γ (1.5)")
+    stage.add_argument("--guidance", type=float, help="SC-CFG scale w (lm 3, seq2seq 1)")
+    stage.add_argument("--cfg-scale", type=float, help="input-CFG scale ω of a conditional model (2)")
+    stage.add_argument("--source", help="the source text of a conditional (seq2seq) model")
+    stage.add_argument("-n", "--num", type=_positive_int, default=4, help="number of samples (default 4)")
+    stage.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    stage.add_argument("--json", action="store_true", help="one JSON object per sample")
     stage.set_defaults(run=_sample)
 
     stage = commands.add_parser("evaluate", help="score samples → metrics/<dataset>/eval.json, MLflow, registry")
@@ -359,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
             _config(args, args.params)
         elif args.command == "lock":
             return _lock(args)
+        elif args.command == "sample" and args.model is not None:
+            from elf.runtime import configure_device
+
+            configure_device(_gpu_or_cpu())
+            _sample_from_model(args)
         else:
             from elf.config import load_config
             from elf.runtime import configure_device, set_threads

@@ -19,31 +19,26 @@ from typing import Any
 import torch
 
 from elf.config import DatasetConfig, SampleConfig
-from elf.data.layout import stack_seq2seq
-from elf.data.shards import iter_column, iter_parquet_batches
-from elf.data.tokenizer import load_tokenizer, tokenizer_hash
+from elf.data.shards import iter_column, iter_parquet_batches, read_manifest
 from elf.data.tokens import FORMAT as TOKENS_FORMAT
 from elf.data.tokens import is_blank
-from elf.encoders import FrozenEncoder, load_encoder
 from elf.errors import ElfError
-from elf.files import atomic_file, read_json
-from elf.model import load_model
+from elf.files import atomic_file
+from elf.pretrained import ELFPipeline
 from elf.sample import SamplerConfig, conditional_texts, generate, ids_to_texts
 
 
-def load_trained(model_dir: Path, dataset: str, encoder_dir: Path, tokenizer_dir: Path, device: torch.device):
-    """The EMA model, its encoder and tokenizer, checked to belong together and to `dataset`."""
-    model, meta = load_model(model_dir, device)
-    if meta.get("dataset") != dataset:
-        raise ElfError(f"{model_dir}: model was trained on dataset '{meta.get('dataset')}', not '{dataset}'")
-    tok_hash = tokenizer_hash(tokenizer_dir)
-    encoder = load_encoder(encoder_dir, expected_tokenizer_hash=tok_hash).to(device)
-    encoder_hash = read_json(encoder_dir / "encoder.json", "encoder record")["content_hash"]
-    if meta.get("encoder_content_hash") != encoder_hash:
-        raise ElfError(f"{model_dir}: model was trained with another encoder than {encoder_dir}")
-    if meta.get("tokenizer_hash") != tok_hash:
-        raise ElfError(f"{model_dir}: model was trained with another tokenizer than {tokenizer_dir}")
-    return model, meta, encoder, load_tokenizer(tokenizer_dir)
+def load_trained(model_dir: Path, dataset: str, device: torch.device, tokens_dir: Path | None = None) -> ELFPipeline:
+    """The trained model of `dataset` from its self-contained directory; with `tokens_dir`, also checked to share
+    the tokenizer those tokens were made with (conditional sources are read from them)."""
+    pipeline = ELFPipeline.load(model_dir, device)
+    if pipeline.info.get("dataset") != dataset:
+        raise ElfError(f"{model_dir}: model was trained on dataset '{pipeline.info.get('dataset')}', not '{dataset}'")
+    if tokens_dir is not None:
+        manifest = read_manifest(tokens_dir, TOKENS_FORMAT)
+        if manifest["tokenizer_hash"] != pipeline.info["tokenizer_hash"]:
+            raise ElfError(f"{model_dir}: model was trained with another tokenizer than {tokens_dir} was made with")
+    return pipeline
 
 
 def conditional_inputs(tokens_dir: Path, raw_path: Path, limit: int) -> tuple[list, list, list[str], list[str]]:
@@ -75,28 +70,19 @@ def _take(rows: Iterator, limit: int) -> Iterator:
         yield row
 
 
-@torch.no_grad()
-def encode_sources(encoder: FrozenEncoder, sources: list, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean source embeddings in place (source attends only to source, elf-method §2), zeros elsewhere."""
-    input_ids, source_mask, valid_mask = stack_seq2seq(sources, [[] for _ in sources], length)
-    drop = torch.zeros(len(sources), dtype=torch.bool)
-    x = encoder.encode_conditional(input_ids, source_mask, valid_mask, drop).cpu()
-    return x * source_mask[..., None], source_mask
-
-
-def sample_dataset(name: str, dataset: DatasetConfig, settings: SampleConfig, model_dir: Path, encoder_dir: Path,
-                   tokenizer_dir: Path, tokens_dir: Path, raw_dir: Path, out_path: Path,
-                   device: torch.device | None = None) -> int:
+def sample_dataset(name: str, dataset: DatasetConfig, settings: SampleConfig, model_dir: Path, tokens_dir: Path,
+                   raw_dir: Path, out_path: Path, device: torch.device | None = None) -> int:
     """Run every sampler of `settings` for every evaluation seed; write the rows atomically; return their count."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _, encoder, tokenizer = load_trained(model_dir, name, encoder_dir, tokenizer_dir, device)
+    pipeline = load_trained(model_dir, name, device, tokens_dir / "train")
+    model, encoder, tokenizer = pipeline.network, pipeline.encoder, pipeline.tokenizer
     samplers: dict[str, SamplerConfig] = settings.sampler_configs(name)
     rows: list[dict[str, Any]] = []
     if dataset.task == "seq2seq":
         split = "test" if (tokens_dir / "test").is_dir() else "validation"
         sources, _, source_texts, references = conditional_inputs(
             tokens_dir / split, raw_dir / f"{split}.parquet", settings.num_samples)
-        x_src, source_mask = encode_sources(encoder, sources, dataset.max_length)
+        x_src, source_mask = pipeline.encode_sources(sources)
     for sampler_name, cfg in samplers.items():
         for seed in settings.seeds:
             if dataset.task == "lm":

@@ -377,16 +377,30 @@ MODEL_CONFIG_FILE = "config.json"
 MODEL_WEIGHTS_FILE = "model.safetensors"
 
 
+MODEL_TYPE = "elf"
+
+
 def save_model(model: ELF, directory: str | Path, metadata: dict | None = None) -> None:
-    """Write the network's config (plus `metadata`: dataset, encoder hash, …) and weights to `directory`."""
+    """Write the weights and config.json (the network's config, the weights' sha256, plus `metadata`: dataset,
+    encoder hash, …) to `directory`. `config.json` carries Hugging Face's `model_type` / `architectures`."""
     from safetensors.torch import save_file
+
+    from elf.hashing import file_sha256
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"model": model.cfg.to_dict(), **(metadata or {})}
+    weights = directory / MODEL_WEIGHTS_FILE
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(weights))
+    config = {"model_type": MODEL_TYPE, "architectures": [type(model).__name__], **(metadata or {}),
+              "model": model.cfg.to_dict(), "weights_sha256": file_sha256(weights)}
     (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-              str(directory / MODEL_WEIGHTS_FILE))
+
+
+def _state_bytes(cfg: ModelConfig) -> int:
+    """Bytes of the weights a config asks for, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        probe = ELF(cfg)
+    return sum(t.numel() * t.element_size() for t in probe.state_dict().values())
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[ELF, dict]:
@@ -394,20 +408,35 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     from safetensors.torch import load_file
 
     from elf.errors import ElfError
+    from elf.hashing import file_sha256
 
     directory = Path(directory)
     config_path, weights_path = directory / MODEL_CONFIG_FILE, directory / MODEL_WEIGHTS_FILE
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        model = ELF(ModelConfig.from_dict(config["model"]))
+        cfg = ModelConfig.from_dict(config["model"])
+        expected_sha256 = config["weights_sha256"]
     except FileNotFoundError:
         raise ElfError(f"{config_path}: not found (is {directory} a trained ELF model directory?)") from None
-    except (ValueError, KeyError, TypeError) as error:
+    except KeyError as error:
+        raise ElfError(f"{config_path}: not a valid ELF model config (no {error}; a model saved by an older "
+                       "version: rerun its train stage, which resumes from the last checkpoint)") from None
+    except (ValueError, TypeError) as error:
         raise ElfError(f"{config_path}: not a valid ELF model config ({error})") from None
+    if not weights_path.is_file():
+        raise ElfError(f"{weights_path}: not found")
+    # The config must not make us allocate more than the weights file holds (a hostile or broken config.json),
+    # and the weights must be the ones saved with it.
+    wanted, held = _state_bytes(cfg), weights_path.stat().st_size
+    if wanted > held:
+        raise ElfError(f"{config_path}: asks for {wanted / 2**20:,.1f} MiB of weights but {weights_path} holds "
+                       f"{held / 2**20:,.1f} MiB")
+    if file_sha256(weights_path) != expected_sha256:
+        raise ElfError(f"{weights_path}: sha256 does not match {config_path} (corrupt, or not the weights saved "
+                       "with this config)")
+    model = ELF(cfg)
     try:
         model.load_state_dict(load_file(str(weights_path), device=str(device)))
-    except FileNotFoundError:
-        raise ElfError(f"{weights_path}: not found") from None
     except Exception as error:  # noqa: BLE001 - safetensors and load_state_dict raise several types
         raise ElfError(f"{weights_path}: cannot load weights ({str(error).splitlines()[0]})") from None
     return model.to(device).eval(), {k: v for k, v in config.items() if k != "model"}

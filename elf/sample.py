@@ -100,6 +100,13 @@ class SamplerConfig:
         return conditional and self.cfg_scale != 1.0
 
 
+HEADLINE_SAMPLERS = {
+    "lm": SamplerConfig(kind="sde", steps=32, gamma=1.5, guidance=3.0),
+    "seq2seq": SamplerConfig(kind="ode", steps=64, guidance=1.0, cfg_scale=2.0),
+}
+"""The paper's headline setting per task (elf-method §7): what a model samples with unless told otherwise."""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # §7 Time grids: T + 1 increasing times from 0 (noise) to 1 (data)
 # ---------------------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ random draws of the objective are seeded per (step, row of the global batch), an
 by the global number of loss tokens, so 1 process and N processes compute the same update.
 
 Outputs under `models/<ds>/`: `checkpoints/step-XXXXXX/` (see elf/checkpoint.py; kept across `dvc repro`
-runs with `persist: true`, and resumed automatically) and `model/` — the final EMA network as
-`config.json` + `model.safetensors`, loadable with `elf.model.load_model`. Also `metrics/<ds>/train.json`
+runs with `persist: true`, and resumed automatically) and `model/` — the final EMA network with its tokenizer
+and encoder, a self-contained directory (`elf.pretrained.ELFPipeline.from_pretrained`). Also `metrics/<ds>/train.json`
 and the loss curve `metrics/<ds>/train_loss.png`.
 """
 
@@ -38,6 +38,7 @@ from elf import checkpoint as ckpt
 from elf.config import DatasetConfig, TrainSettings
 from elf.data.loader import TrainLoader
 from elf.data.shards import read_manifest
+from elf.data.tokenizer import load_tokenizer, tokenizer_hash
 from elf.data.tokens import FORMAT as TOKENS_FORMAT
 from elf.distributed import Dist, barrier, init_distributed, shutdown
 from elf.encoders import load_encoder
@@ -52,8 +53,9 @@ from elf.files import (
 )
 from elf.flow import ObjectiveConfig
 from elf.hashing import file_sha256
-from elf.model import ELF, build_model, num_parameters, save_model
+from elf.model import ELF, build_model, num_parameters
 from elf.optim import EMA, build_optimizer, warmup_constant_schedule
+from elf.pretrained import ELFPipeline
 from elf.runtime import configure_device
 from elf.step import TrainStep, micro_batches
 
@@ -63,6 +65,7 @@ class TrainPaths:
     tokens: Path  # data/tokens/<ds>/train
     embeddings: Path | None  # data/embeddings/<ds>/train when cached, else None (online encoding)
     encoder: Path  # data/encoder
+    tokenizer: Path  # data/tokenizer (copied into the model directory with the encoder)
     out: Path  # models/<ds>
     metrics: Path  # metrics/<ds>
 
@@ -126,6 +129,9 @@ class Trainer:
                  d: Dist):
         self.name, self.dataset, self.settings, self.seed, self.paths, self.d = name, dataset, settings, seed, paths, d
         tokens_manifest = read_manifest(paths.tokens, TOKENS_FORMAT)
+        if tokenizer_hash(paths.tokenizer) != tokens_manifest["tokenizer_hash"]:
+            raise ElfError(f"{paths.tokens}: tokenized with another tokenizer than {paths.tokenizer} "
+                           "(rerun the tokenize stage)")
         self.encoder = load_encoder(paths.encoder, expected_tokenizer_hash=tokens_manifest["tokenizer_hash"]).to(
             d.device)
         self.tokens_manifest = tokens_manifest
@@ -398,8 +404,10 @@ def _finish(trainer: Trainer, run) -> dict[str, Any]:
                 "tokenizer_hash": trainer.tokens_manifest["tokenizer_hash"],
                 "encoder_content_hash": read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"],
                 "objective": asdict(trainer.objective), "mlflow_run_id": trainer.mlflow_run_id}
-    with atomic_output_dir(paths.model) as tmp:
-        save_model(ema_model, tmp, metadata)
+    with atomic_output_dir(paths.model) as tmp:  # self-contained: weights, tokenizer, encoder (elf/pretrained.py)
+        pipeline = ELFPipeline(ema_model, trainer.encoder, load_tokenizer(paths.tokenizer), metadata,
+                               paths.tokenizer, paths.encoder)
+        pipeline.save_pretrained(tmp)
     last = trainer.history[-1] if trainer.history else {}
     summary = {"dataset": trainer.name, "steps": trainer.step, "mlflow_run_id": trainer.mlflow_run_id,
                **{k: last[k] for k in ("loss", "mse", "ce", "decode_acc", "tokens_per_s") if k in last}}

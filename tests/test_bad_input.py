@@ -150,6 +150,14 @@ def truncate(relative: str) -> Callable[[Path], None]:
     return setup
 
 
+def flip_last_byte(relative: str) -> Callable[[Path], None]:
+    def setup(project: Path) -> None:
+        data = bytearray((project / relative).read_bytes())
+        data[-1] ^= 0xFF
+        (project / relative).write_bytes(bytes(data))
+    return setup
+
+
 def edit_json(relative: str, change: Callable[[dict], None]) -> Callable[[Path], None]:
     def setup(project: Path) -> None:
         path = project / relative
@@ -210,16 +218,22 @@ CASES = [
     Case("input-encoder-record-missing", ["embed", "owt"], "data/encoder/encoder.json",
          setup=remove("data/encoder/encoder.json")),
     # model and checkpoint directories
-    Case("model-dir-missing", ["sample", "owt"], "models/owt/model/config.json: not found",
+    Case("model-dir-missing", ["sample", "owt"], "models/owt/model: model directory not found",
          setup=remove("models/owt/model")),
     Case("model-config-not-json", ["sample", "owt"], "models/owt/model/config.json: not a valid ELF model config",
          setup=write("models/owt/model/config.json", "{")),
     Case("model-config-bad-shape", ["sample", "owt"], "models/owt/model/config.json: not a valid ELF model config",
          setup=edit_json("models/owt/model/config.json", lambda c: c["model"].update(heads=3))),
-    Case("model-weights-truncated", ["sample", "owt"], "models/owt/model/model.safetensors: cannot load weights",
+    Case("model-weights-truncated", ["sample", "owt"], "config.json: asks for 0.4 MiB of weights but",
          setup=truncate("models/owt/model/model.safetensors")),
+    Case("model-weights-bit-flipped", ["sample", "owt"], "model.safetensors: sha256 does not match",
+         setup=flip_last_byte("models/owt/model/model.safetensors")),
+    Case("model-config-asks-for-160-gb", ["sample", "owt"], "asks for",
+         setup=edit_json("models/owt/model/config.json", lambda c: c["model"].update(hidden=200_000, heads=2))),
     Case("model-weights-of-another-shape", ["sample", "owt"], "model.safetensors: cannot load weights",
-         setup=edit_json("models/owt/model/config.json", lambda c: c["model"].update(depth=2))),
+         setup=edit_json("models/owt/model/config.json", lambda c: c["model"].update(bottleneck=8))),
+    Case("model-without-its-encoder", ["sample", "owt"], "models/owt/model: no tokenizer/ or encoder/",
+         setup=remove("models/owt/model/encoder")),
     Case("model-of-another-dataset", ["sample", "owt"], "trained on dataset 'xsum', not 'owt'",
          setup=edit_json("models/owt/model/config.json", lambda c: c.update(dataset="xsum"))),
     Case("checkpoint-file-corrupt", ["train", "owt"], "corrupt checkpoint file",
@@ -238,8 +252,8 @@ CASES = [
     Case("flag-guidance-inf", ["sample", "--model", "models/owt/model", "--guidance", "inf"],
          "sampler.guidance: must be a finite number"),
     Case("flag-source-for-lm", ["sample", "--model", "models/owt/model", "--source", "hallo"],
-         "is unconditional: --source does not apply"),
-    Case("flag-model-dir-missing", ["sample", "--model", "nowhere"], "nowhere/config.json: not found"),
+         "the owt model is unconditional: a source does not apply"),
+    Case("flag-model-dir-missing", ["sample", "--model", "nowhere"], "nowhere: model directory not found"),
     Case("flag-params-missing", ["--params", "other.yaml", "train", "owt"], "other.yaml"),
     Case("flag-unknown-preset", ["config", "apply", "tiny"], "unknown preset 'tiny'"),
     # the machine refuses the work

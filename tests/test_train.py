@@ -60,7 +60,8 @@ def mlflow_store(tmp_path, monkeypatch):
 def paths(data: Path, out: Path, name: str = "owt", cached: bool = True) -> TrainPaths:
     return TrainPaths(tokens=data / "tokens" / name / "train",
                       embeddings=data / "embeddings" / name / "train" if cached else None,
-                      encoder=data / "encoder", out=out / "models" / name, metrics=out / "metrics" / name)
+                      encoder=data / "encoder", tokenizer=data / "tokenizer", out=out / "models" / name,
+                      metrics=out / "metrics" / name)
 
 
 def final_weights(p: TrainPaths) -> dict[str, torch.Tensor]:
