@@ -138,3 +138,16 @@ def read_trainer_state(directory: Path) -> dict[str, Any]:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def move_aside(checkpoints: list[Path], out: Path, label: str) -> Path:
+    """Move checkpoint directories into `<out>.aside/<label>/` (numbered when taken), outside what DVC tracks:
+    training state is never deleted on a settings change, and moving it back (with the old settings) resumes."""
+    target, number = out.parent / f"{out.name}.aside" / label, 1
+    while target.exists():
+        number += 1
+        target = target.with_name(f"{label}-{number}")
+    target.mkdir(parents=True)
+    for directory in checkpoints:
+        os.replace(directory, target / directory.name)
+    return target

@@ -265,40 +265,64 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
+STAGE_HELP = {  # name: (one line for `elf --help`, what `elf <stage> --help` adds: settings read, outputs)
+    "prepare": ("raw text of a dataset → data/raw/<dataset>/<split>.parquet",
+                "Reads datasets.<dataset> (source: demo | hub | files) and seed. A split without one row that has "
+                "text in every column is an error."),
+    "tokenizer": ("train or copy the tokenizer → data/tokenizer/",
+                  "Reads tokenizer (kind train: on the raw training text of every dataset; kind pretrained: "
+                  "copies e.g. t5-small)."),
+    "tokenize": ("raw text → token shards in data/tokens/<dataset>/<split>/",
+                 "Reads tokenize (packing, batch_size, workers, shard_rows) and datasets.<dataset> (lengths)."),
+    "encoder": ("build the frozen encoder → data/encoder/",
+                "Reads encoder (kind pretrained | scratch | gaussian) and seed."),
+    "embed": ("cache per-token embeddings → data/embeddings/<dataset>/<split>/",
+              "Reads embed.cache.<dataset> and embed.batch_size. Finished shards survive a kill."),
+    "train": ("train (or resume) the ELF model of a dataset → models/<dataset>/",
+              "Reads train.defaults with train.datasets.<dataset> over them, and seed. Resumes from the newest "
+              "checkpoint; with train.*.nproc_per_node > 1 (or auto) it launches torchrun. Writes the "
+              "self-contained model directory models/<dataset>/model/ and metrics/<dataset>/train.json."),
+    "sample": ("sample with every configured sampler → samples/<dataset>.jsonl; or print a few samples of a model "
+               "(--model DIR)",
+               "The stage (a dataset given) reads sample.samplers.<dataset>, sample.seeds, num_samples and "
+               "batch_size. With --model DIR it needs no project: the flags below choose the sampler, "
+               "defaulting to the paper's for the model's task (lm: SDE 32 steps, γ 1.5, w 3; seq2seq: ODE 64 "
+               "steps, w 1, ω 2)."),
+    "evaluate": ("score samples → metrics/<dataset>/eval.json, MLflow, registry",
+                 "Reads evaluate (judge, primary_metric, register_model): metrics as mean ± SE over the seeds."),
+    "lock": ("check or repair dvc.lock after a kill during DVC's write",
+             "check: exit 1 if dvc.lock is empty, unparseable or cut short; repair: restore the last good copy "
+             "(.dvc/tmp); save: keep the current dvc.lock as the good copy."),
+    "config": ("check, show or switch the configuration (presets)", "Presets live in elf/presets/."),
+}
+DATASET_HELP = "a dataset named in params.yaml (e.g. owt, wmt14, xsum)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="elf", description="ELF (Embedded Language Flows) pipeline stages.")
+    parser = _Parser(prog="elf", description="ELF (Embedded Language Flows) pipeline stages. Exit codes: 0 ok, "
+                     "2 bad input, 3 the machine refuses the work (disk full, read-only), 75 a passing OS error.")
     parser.add_argument("--params", default="params.yaml", help="the parameter file (default: params.yaml)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
 
-    stage = commands.add_parser("prepare", help="raw text of a dataset → data/raw/<dataset>/<split>.parquet")
-    stage.add_argument("dataset")
-    stage.set_defaults(run=_prepare)
+    def add(name: str, run, dataset: bool | None = True) -> argparse.ArgumentParser:
+        summary, details = STAGE_HELP[name]
+        stage = commands.add_parser(name, help=summary, description=f"{summary}. {details}")
+        if dataset is not None:
+            stage.add_argument("dataset", help=DATASET_HELP, **({} if dataset else {"nargs": "?"}))
+        stage.set_defaults(run=run)
+        return stage
 
-    stage = commands.add_parser("tokenizer", help="train or copy the tokenizer → data/tokenizer/")
-    stage.set_defaults(run=_tokenizer)
-
-    stage = commands.add_parser("tokenize", help="raw text → token shards in data/tokens/<dataset>/<split>/")
-    stage.add_argument("dataset")
-    stage.set_defaults(run=_tokenize)
-
-    stage = commands.add_parser("encoder", help="build the frozen encoder → data/encoder/")
-    stage.set_defaults(run=_encoder)
-
-    stage = commands.add_parser("embed", help="cache per-token embeddings → data/embeddings/<dataset>/<split>/")
-    stage.add_argument("dataset")
-    stage.set_defaults(run=_embed)
-
-    stage = commands.add_parser("train", help="train (or resume) the ELF model of a dataset → models/<dataset>/")
-    stage.add_argument("dataset")
+    add("prepare", _prepare)
+    add("tokenizer", _tokenizer, dataset=None)
+    add("tokenize", _tokenize)
+    add("encoder", _encoder, dataset=None)
+    add("embed", _embed)
+    stage = add("train", _train)
     stage.add_argument("--stop-after", type=_positive_int, default=None, metavar="N",
                        help="stop after N more steps (checkpointed; the next run resumes)")
-    stage.set_defaults(run=_train)
-
-    stage = commands.add_parser("sample", help="sample with every configured sampler → samples/<dataset>.jsonl; "
-                                "or print a few samples of a model (--model DIR)")
-    stage.add_argument("dataset", nargs="?")
+    stage = add("sample", _sample, dataset=False)
     stage.add_argument("--model", metavar="DIR", help="a trained model directory (e.g. models/owt/model, or a copy "
-                       "anywhere): print samples; the sampler defaults to the paper's for the model's task")
+                       "anywhere): print samples")
     stage.add_argument("--steps", type=_positive_int, help="denoising steps (lm 32, seq2seq 64)")
     stage.add_argument("--kind", choices=["ode", "sde"], help="sampler (lm sde, seq2seq ode)")
     stage.add_argument("--gamma", type=float, help="SDE re-injection strength γ (1.5)")
@@ -308,24 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("-n", "--num", type=_positive_int, default=4, help="number of samples (default 4)")
     stage.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     stage.add_argument("--json", action="store_true", help="one JSON object per sample")
-    stage.set_defaults(run=_sample)
-
-    stage = commands.add_parser("evaluate", help="score samples → metrics/<dataset>/eval.json, MLflow, registry")
-    stage.add_argument("dataset")
-    stage.set_defaults(run=_evaluate)
-
-    stage = commands.add_parser("lock", help="check or repair dvc.lock after a kill during DVC's write")
+    add("evaluate", _evaluate)
+    stage = add("lock", None, dataset=None)
     stage.add_argument("action", choices=["check", "repair", "save"])
-    stage.set_defaults(run=None)
-
-    stage = commands.add_parser("config", help="check, show or switch the configuration (presets)")
+    stage = add("config", None, dataset=None)
     actions = stage.add_subparsers(dest="action", required=True)
-    actions.add_parser("check", help="validate params.yaml")
+    actions.add_parser("check", help="validate params.yaml", description="Validate params.yaml: exit 2 and one "
+                       "line naming the key on an error.")
     actions.add_parser("show", help="print the validated configuration with defaults filled in")
     actions.add_parser("presets", help="list the presets")
     apply = actions.add_parser("apply", help="overlay a preset onto params.yaml (e.g. `paper`, `demo`)")
-    apply.add_argument("preset")
-    stage.set_defaults(run=None)
+    apply.add_argument("preset", help="a preset name (`elf config presets` lists them)")
     return parser
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 
@@ -24,6 +25,12 @@ def default_threads() -> int:
         physical = None
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(physical or allowed or 1, allowed or 1))  # a container may get fewer cores than the host
+
+
+def on_terminal() -> bool:
+    """Whether progress bars make sense: stderr is a terminal. Elsewhere (DVC under a Prefect worker, a batch
+    job's log file) every redraw would be a log line of its own, tens of thousands at paper scale."""
+    return sys.stderr.isatty()
 
 
 def set_threads(threads: int | None) -> int:

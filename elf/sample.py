@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from elf.errors import ElfError
-from elf.runtime import autocast
+from elf.runtime import autocast, on_terminal
 from elf.vocab import EOS_ID, PAD_ID
 
 #: x̂ = denoiser(z [B, L, d], x̂_prev [B, L, d], t [B], w [B]): the clean-embedding prediction, [B, L, d] fp32.
@@ -341,7 +341,7 @@ def generate(
     outputs, nfe = [], cfg.network_evaluations(conditional=source is not None)
     began = time.perf_counter()
     with tqdm(total=num_samples, desc=f"sampling ({cfg.kind}, {cfg.steps} steps)", unit="sample",
-              disable=not progress) as bar:
+              disable=not (progress and on_terminal())) as bar:
         for first in range(0, num_samples, batch):
             rows = slice(first, min(first + batch, num_samples))
             src = None if source is None else source[rows].to(device)

@@ -56,7 +56,7 @@ from elf.hashing import file_sha256
 from elf.model import ELF, build_model, num_parameters
 from elf.optim import EMA, build_optimizer, warmup_constant_schedule
 from elf.pretrained import ELFPipeline
-from elf.runtime import configure_device
+from elf.runtime import configure_device, on_terminal
 from elf.step import TrainStep, micro_batches
 
 
@@ -107,19 +107,6 @@ def changed_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> list[st
         elif a != b:
             changed.append(key)
     return changed
-
-
-def move_aside(checkpoints: list[Path], out: Path, label: str) -> Path:
-    """Move checkpoint directories into `<out>.aside/<label>/` (numbered when taken), outside what DVC tracks:
-    training state is never deleted on a settings change, and moving it back (with the old settings) resumes."""
-    target, number = out.parent / f"{out.name}.aside" / label, 1
-    while target.exists():
-        number += 1
-        target = target.with_name(f"{label}-{number}")
-    target.mkdir(parents=True)
-    for directory in checkpoints:
-        os.replace(directory, target / directory.name)
-    return target
 
 
 class Trainer:
@@ -176,7 +163,7 @@ class Trainer:
         """Move checkpoints out of the way (main process), with one notice saying where and why."""
         barrier(self.d)
         if self.d.main:
-            target = move_aside(checkpoints, self.paths.out, label)
+            target = ckpt.move_aside(checkpoints, self.paths.out, label)
             print(f"train {self.name}: moved {len(checkpoints)} checkpoint(s) from {self.paths.checkpoints} to "
                   f"{target}: {reason}. Move them back to resume them.", file=sys.stderr)
         barrier(self.d)
@@ -361,7 +348,8 @@ def _train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int
 
             trainer.mlflow_run_id = run.info.run_id
         target = settings.steps if stop_after is None else min(settings.steps, trainer.step + stop_after)
-        progress = tqdm(total=settings.steps, initial=trainer.step, desc=f"train {name}", disable=not d.main,
+        bar = d.main and on_terminal()  # elsewhere: a log line every log_every steps
+        progress = tqdm(total=settings.steps, initial=trainer.step, desc=f"train {name}", disable=not bar,
                         mininterval=1.0)
         window_tokens, window_start = torch.zeros((), device=d.device), time.perf_counter()
         while trainer.step < target:
@@ -384,6 +372,9 @@ def _train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int
                 if d.main:
                     mlflow.log_metrics(metrics, step=trainer.step)
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    if not bar:
+                        print(f"train {name}: step {trainer.step}/{settings.steps} loss {metrics['loss']:.4f} "
+                              f"{metrics['tokens_per_s']:,.0f} tokens/s", flush=True)
             progress.update(1)
             if save_now:
                 trainer.save_checkpoint()

@@ -32,6 +32,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = ROOT / ".prefect"
+PROFILE_MARK = STATE_DIR / "profile-api-url"  # the PREFECT_API_URL `local` saved in the profile
 LOCAL_POOL = "elf-local"
 CLUSTER_POOL = "elf-k8s"
 DEFAULT_PORT = 4200
@@ -113,15 +114,22 @@ def _prefect(args: list[str], api_url: str, check: bool = True,
     return result
 
 
-def ensure_server(port: int, wait_s: float = 180.0) -> str:
-    """The API URL of a healthy server, starting a local background one when none is configured."""
+def save_api_url_in_profile(url: str) -> None:
+    """Make later `prefect ...` commands in any shell reach the server `local` starts; `stop` takes it back."""
     from prefect.settings import PREFECT_API_URL, update_current_profile
 
+    update_current_profile({PREFECT_API_URL: url})
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    PROFILE_MARK.write_text(f"{url}\n")
+    _say(f"PREFECT_API_URL={url} saved in the active Prefect profile")
+
+
+def ensure_server(port: int, wait_s: float = 180.0) -> str:
+    """The API URL of a healthy server, starting a local background one when none is configured."""
     url = configured_api_url()
     if url is None:
         url = f"http://127.0.0.1:{port}/api"
-        update_current_profile({PREFECT_API_URL: url})
-        _say(f"PREFECT_API_URL={url} saved in the active Prefect profile")
+        save_api_url_in_profile(url)
     ok, reason = api_healthy(url)
     if ok:
         _say(f"Prefect server {url} is up")
@@ -337,9 +345,19 @@ def status() -> int:
 
 
 def stop() -> None:
-    """Stop the worker, then the server if `local` started it (a server it found running is left alone)."""
+    """Stop the worker, then the server if `local` started it (a server it found running is left alone), and
+    take back the PREFECT_API_URL that `local` put in the active profile (later `prefect` commands would
+    otherwise try the stopped server instead of starting their own)."""
+    from prefect.settings import PREFECT_API_URL, load_current_profile, update_current_profile
+
     stop_process("worker")
     stop_process("server")
+    if PROFILE_MARK.is_file():
+        ours = PROFILE_MARK.read_text().strip()
+        if load_current_profile().settings.get(PREFECT_API_URL) == ours:  # unless someone changed it since
+            update_current_profile({PREFECT_API_URL: None})
+            _say(f"PREFECT_API_URL={ours} removed from the active Prefect profile")
+        PROFILE_MARK.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:

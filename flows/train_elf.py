@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,16 +119,50 @@ def report_mlflow_run(project: Path, dataset: str) -> dict[str, str] | None:
     return link
 
 
-def clear_checkpoints(project: Path, dataset: str) -> bool:
-    """`resume=False`: drop the checkpoints so the train stage starts from step 0.
+def evaluation_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per sampler of `metrics/<ds>/eval.json`: each metric as "mean ± SE" over seeds, rounded for
+    reading (the full-precision figures stay in the file and on the MLflow run)."""
+    rows = []
+    for sampler, metrics in report["samplers"].items():
+        row: dict[str, Any] = {"sampler": sampler}
+        for key, value in metrics.items():
+            if key.endswith("_se") or "_se_" in key or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            se = metrics.get(f"{key}_se")
+            row[key] = f"{value:.4g} ± {se:.2g}" if isinstance(se, int | float) and se else f"{value:.4g}"
+        rows.append(row)
+    return rows
+
+
+def report_evaluation(project: Path, dataset: str, link: dict[str, str] | None) -> None:
+    """Attach the evaluation to the flow run as a table artifact (the Prefect UI shows no metrics otherwise)."""
+    path = project / "metrics" / dataset / "eval.json"
+    if not path.is_file():
+        return
+    from prefect.artifacts import create_table_artifact
+
+    report = json.loads(path.read_text(encoding="utf-8"))
+    primary = report["primary"]
+    value = f"{primary['value']:.4g}" if isinstance(primary["value"], int | float) else "none (no sample scored)"
+    where = f"; MLflow run: [{link['run_id']}]({link['url']})" if link and "url" in link else ""
+    create_table_artifact(key=artifact_key("evaluation", dataset), table=evaluation_table(report),
+                          description=f"{dataset}: {primary['metric']} = {value} ({primary['sampler']}, the "
+                                      f"registry's primary){where}")
+
+
+def set_checkpoints_aside(project: Path, dataset: str) -> Path | None:
+    """`resume=False`: move the checkpoints aside (never delete training state) so the train stage starts from
+    step 0; returns where they went (`models/<ds>.aside/fresh-start-<time>/`), or None when there were none.
 
     DVC then sees `models/<ds>` changed and reruns the stage even when nothing else did.
     """
+    from elf.checkpoint import move_aside
+
     checkpoints = project / "models" / dataset / "checkpoints"
-    if not checkpoints.exists():
-        return False
-    shutil.rmtree(checkpoints)
-    return True
+    found = sorted(checkpoints.iterdir()) if checkpoints.is_dir() else []
+    if not found:
+        return None
+    return move_aside(found, checkpoints.parent, f"fresh-start-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 @flow(name="train-elf", persist_result=False, log_prints=True)
@@ -153,14 +187,16 @@ def train_elf(dataset: str, params: dict[str, Any] | None = None, resume: bool =
         logger.info("params.yaml overrides: %s", ", ".join(changed) if changed else "none (values already set)")
     check_dataset(project, dataset)
     preflight_tracking()
-    if not resume and clear_checkpoints(project, dataset):
-        logger.info("resume=False: removed models/%s/checkpoints; training starts from step 0", dataset)
+    if not resume and (aside := set_checkpoints_aside(project, dataset)):
+        logger.info("resume=False: moved the checkpoints of models/%s to %s; training starts from step 0", dataset,
+                    aside)
     policy = dict(retries=retries, retry_delay_seconds=retry_delay_seconds)
     data_task.with_options(**policy)(project, dataset)
     train_task.with_options(**policy)(project, dataset)
     link = report_mlflow_run(project, dataset)
     if evaluate:
         evaluate_task.with_options(**policy)(project, dataset)
+        report_evaluation(project, dataset, link)
     if push:
         push_task.with_options(**policy)(project, dataset, evaluate)
     summary: dict[str, Any] = {"dataset": dataset, "project": str(project), "mlflow": link}

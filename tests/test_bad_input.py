@@ -366,3 +366,16 @@ def test_a_model_that_produces_non_finite_embeddings_is_an_error_not_silent_pad(
     with pytest.raises(ElfError, match="non-finite embeddings"):
         generate(model, 8, 6, batch=2, cfg=SamplerConfig(kind="ode", steps=2), seed=0, device="cpu",
                  num_samples=2, progress=False)
+
+
+@pytest.mark.parametrize("stage", ["prepare", "tokenizer", "tokenize", "encoder", "embed", "train", "sample",
+                                   "evaluate", "lock", "config"])
+def test_every_stage_help_says_what_it_reads_and_writes(stage, capsys):
+    from elf.cli import STAGE_HELP
+
+    with pytest.raises(SystemExit) as done:
+        main([stage, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0 and " ".join(STAGE_HELP[stage][1].split()) in out
+    if stage in ("prepare", "tokenize", "embed", "train", "evaluate"):
+        assert "a dataset named in params.yaml" in out

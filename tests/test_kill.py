@@ -145,3 +145,20 @@ def test_a_kill_in_the_middle_of_a_write_leaves_the_old_output_and_the_next_writ
     with atomic_file(target) if kind == "file" else atomic_output_dir(target) as tmp:
         (tmp if kind == "file" else tmp / "part").write_text("new")
     assert read() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_off_a_terminal_stages_print_log_lines_not_progress_bars(built, tmp_path):
+    """Under DVC and a Prefect worker every progress-bar redraw would become a log line of its own."""
+    import yaml
+
+    project = tmp_path / "project"
+    shutil.copytree(built, project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["defaults"].update(steps=4)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in (["tokenize", "owt"], ["train", "owt"], ["sample", "owt"]):
+        result = subprocess.run([str(BIN / "elf"), *args], cwd=project, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert "it/s" not in result.stderr and "%|" not in result.stderr, result.stderr[-1000:]
+        if args[0] == "train":
+            assert "train owt: step 3/4 loss" in result.stdout and "train owt: step 4/4 loss" in result.stdout

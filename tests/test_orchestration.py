@@ -121,6 +121,40 @@ def test_a_full_disk_is_not_retried_and_a_passing_io_error_is(status, permanent)
     assert "data/tokens/owt: No space left on device" in str(error)
 
 
+def test_resume_false_moves_the_checkpoints_aside_and_never_deletes_them(tmp_path):
+    from flows.train_elf import set_checkpoints_aside
+
+    step = tmp_path / "models/owt/checkpoints/step-000004"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").write_bytes(b"weights")
+    aside = set_checkpoints_aside(tmp_path, "owt")
+    assert aside.parent == tmp_path / "models/owt.aside" and aside.name.startswith("fresh-start-")
+    assert (aside / "step-000004/model.safetensors").read_bytes() == b"weights"
+    assert list((tmp_path / "models/owt/checkpoints").iterdir()) == []
+    assert set_checkpoints_aside(tmp_path, "owt") is None  # nothing left to move
+
+
+def test_orchestrate_stop_takes_back_the_api_url_that_setup_saved_in_the_profile(tmp_path):
+    """Else the documented non-deployment commands would try the stopped server (`make orchestrate-stop`)."""
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "flows", project / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    url = "http://127.0.0.1:4299/api"
+
+    def profile_api_url() -> str:
+        code = ("from prefect.settings import PREFECT_API_URL, load_current_profile; "
+                "print(load_current_profile().settings.get(PREFECT_API_URL))")
+        return sh(sys.executable, "-c", code, cwd=project, env=env).stdout.strip()
+
+    sh(sys.executable, "-c", f"from flows.setup import save_api_url_in_profile; save_api_url_in_profile({url!r})",
+       cwd=project, env=env)
+    assert profile_api_url() == url
+    stopped = sh(sys.executable, "-m", "flows.setup", "stop", cwd=project, env=env)
+    assert f"PREFECT_API_URL={url} removed from the active Prefect profile" in stopped.stdout + stopped.stderr
+    assert profile_api_url() == "None" and not (project / ".prefect/profile-api-url").exists()
+
+
 def test_overrides_are_validated_before_params_yaml_changes(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     params = tmp_path / "params.yaml"
@@ -325,6 +359,15 @@ def test_deployment_run_retries_a_killed_training_and_resumes_from_its_checkpoin
     assert re.search(rf"MLflow run {run_id} in {url} → {url}/#/experiments/\d+/runs/{run_id}", log), log[-3000:]
     holds = [json.loads(line) for line in deployed_run["ledger"].read_text().splitlines()]
     assert [h["step"] for h in holds] == ["train", "train", "evaluate"]
+
+    # The evaluation is on the flow run as a table, one row per sampler, with the MLflow run linked.
+    artifacts = api(stack["api_url"], "POST", "/artifacts/filter",
+                    {"artifacts": {"flow_run_id": {"any_": [deployed_run["flow_run_id"]]}}})
+    table = next(a for a in artifacts if a["key"] == "evaluation-owt")
+    samplers = json.loads(project.joinpath("metrics/owt/eval.json").read_text())["samplers"]
+    rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
+    assert table["type"] == "table" and [row["sampler"] for row in rows] == list(samplers)
+    assert run_id in table["description"] and "oracle_ppl" in table["description"]
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ from elf.encoders import ENCODER_JSON, FrozenEncoder, load_encoder
 from elf.errors import ElfError
 from elf.files import atomic_file, read_json, write_json_atomic
 from elf.hashing import file_sha256
+from elf.runtime import on_terminal
 
 FORMAT = "elf-embeddings/1"
 DTYPE = "float16"
@@ -285,7 +286,7 @@ def _embed_split(encoder: FrozenEncoder, encoder_hash: str, split: str, token_di
     shards = []
     total = sum(s.get("tokens", 0) for s in manifest["shards"])
     with tqdm(total=total, desc=f"embed {manifest.get('dataset', '')}/{split}", unit="tok", unit_scale=True,
-              mininterval=1.0, disable=not progress) as bar:
+              mininterval=1.0, disable=not (progress and on_terminal())) as bar:
         for token_shard in manifest["shards"]:
             out_path = out_dir / token_shard["file"]
             expected = {"format": FORMAT, "file": token_shard["file"], "token_shard_sha256": token_shard["sha256"],

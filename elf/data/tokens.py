@@ -45,6 +45,7 @@ from elf.data.tokenizer import load_tokenizer, tokenizer_hash
 from elf.errors import ElfError
 from elf.files import atomic_output_dir, write_json_atomic
 from elf.hashing import file_sha256
+from elf.runtime import on_terminal
 from elf.vocab import EOS_ID, PAD_ID
 
 FORMAT = "elf-tokens/2"
@@ -243,7 +244,8 @@ def tokenize_split(
         if rows:
             writer.write(pa.Table.from_arrays([_list_array(rows)], schema=schema))
 
-    with tqdm(total=total, desc=f"tokenize {name}/{split}", unit="doc", mininterval=1.0) as progress:
+    with tqdm(total=total, desc=f"tokenize {name}/{split}", unit="doc", mininterval=1.0,
+              disable=not on_terminal()) as progress:
         for (num_rows, kept_rows), encoded in encoder.map(text_batches()):
             if packer is not None:
                 write_lm(packer.add(encoded[0]))
