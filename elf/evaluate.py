@@ -26,7 +26,7 @@ from elf.data.demo import Grammar
 from elf.data.shards import iter_parquet_batches
 from elf.data.tokens import is_blank
 from elf.errors import ElfError
-from elf.files import atomic_file, write_json_atomic
+from elf.files import atomic_file, write_csv_atomic, write_json_atomic
 
 GRAMMAR_FILE = "grammar.json"
 
@@ -163,8 +163,27 @@ def evaluate_dataset(name: str, dataset: DatasetConfig, settings: EvaluateConfig
                          "value": report["samplers"][first_sampler].get(metric)}
     metrics_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(metrics_dir / "eval.json", report)
+    write_json_atomic(metrics_dir / "headline.json", headline(report))
+    write_csv_atomic(metrics_dir / "samplers.csv", sampler_rows(report))
     plot_report(report, metrics_dir / "eval_quality.png")
     return report
+
+
+def headline(report: dict[str, Any]) -> dict[str, float | None]:
+    """The DVC metric of a dataset: its primary metric ± SE on the primary sampler, two numbers, so that
+    `dvc exp show` stays readable (the full report is eval.json)."""
+    primary = report["primary"]
+    scores = report["samplers"][primary["sampler"]]
+    return {primary["metric"]: primary["value"], f"{primary['metric']}_se": scores.get(f"{primary['metric']}_se")}
+
+
+def sampler_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per sampler (kind, steps, the primary metric ± SE under the fixed name `primary`, and which
+    metric that is): the quality-vs-steps data plot of dvc.yaml, the same columns for every dataset."""
+    metric = report["primary"]["metric"]
+    return [{"sampler": name, "kind": scores["settings"]["kind"], "steps": scores["settings"]["steps"],
+             "primary": scores.get(metric), "primary_se": scores.get(f"{metric}_se"), "metric": metric}
+            for name, scores in report["samplers"].items()]
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:

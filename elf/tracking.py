@@ -18,7 +18,13 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """MLFLOW_TRACKING_URI, else the default; a relative SQLite path is made absolute against the working
+    directory, because MLflow caches one store per URI string: the same relative URI used again from another
+    directory in one process would write to the first directory's database."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{os.path.abspath(uri.removeprefix('sqlite:///'))}"
+    return uri
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -48,6 +48,7 @@ from elf.files import (
     atomic_output_dir,
     naming_os_errors,
     read_json,
+    write_csv_atomic,
     write_json_atomic,
     write_text_atomic,
 )
@@ -400,10 +401,13 @@ def _finish(trainer: Trainer, run) -> dict[str, Any]:
                                paths.tokenizer, paths.encoder)
         pipeline.save_pretrained(tmp)
     last = trainer.history[-1] if trainer.history else {}
-    summary = {"dataset": trainer.name, "steps": trainer.step, "mlflow_run_id": trainer.mlflow_run_id,
-               **{k: last[k] for k in ("loss", "mse", "ce", "decode_acc", "tokens_per_s") if k in last}}
+    # train.json is the DVC metric (few numbers: `dvc exp show` stays readable); the rest goes to MLflow, and
+    # the loss curve to train_history.csv, a data plot `dvc plots diff` overlays across experiments.
+    summary = {"steps": trainer.step, **{k: last[k] for k in ("loss", "decode_acc") if k in last}}
     paths.metrics.mkdir(parents=True, exist_ok=True)
     write_json_atomic(paths.metrics / "train.json", summary)
+    curve = [{k: h.get(k) for k in ("step", "loss", "mse", "ce", "decode_acc", "lr")} for h in trainer.history]
+    write_csv_atomic(paths.metrics / "train_history.csv", curve)
     _plot_loss(trainer.history, paths.metrics / "train_loss.png", f"ELF training: {trainer.name}")
     if run is not None:
         import mlflow
@@ -411,5 +415,6 @@ def _finish(trainer: Trainer, run) -> dict[str, Any]:
         mlflow.log_artifacts(str(paths.model), artifact_path="model")
         mlflow.log_artifact(str(paths.metrics / "train_loss.png"))
     write_text_atomic(paths.out / "mlflow_run_id", f"{trainer.mlflow_run_id}\n")
-    print(json.dumps(summary))
+    print(json.dumps({"dataset": trainer.name, **summary, "mlflow_run_id": trainer.mlflow_run_id,
+                      **{k: last[k] for k in ("mse", "ce", "tokens_per_s") if k in last}}))
     return summary

@@ -77,6 +77,21 @@ def inside(directory: Path):
         os.chdir(before)
 
 
+@contextlib.contextmanager
+def mlflow_store_in(directory: Path):
+    """MLflow records in `directory`/mlruns.db while in-process stages run there (MLflow keeps the URI it was
+    last given process-wide, in MLFLOW_TRACKING_URI too, so it is set explicitly and restored)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{directory / 'mlruns.db'}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> Path:
     """A small owt-only project with every stage run once (in this process): copy it, never change it."""
@@ -86,7 +101,7 @@ def built(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("built")
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_owt_params(), sort_keys=False))
-    with inside(root):
+    with inside(root), mlflow_store_in(root):
         for args in STAGES:
             assert main(args) == 0, args
     return root

@@ -1,7 +1,7 @@
 """Bad input, bad settings and a hostile machine: one line naming the key, file or path, the exit code that
 tells the flows whether a retry can help (elf/errors.py), and no partial output (reliability sweep).
 
-One small project (owt only, every stage run once) is built per module; each case copies it, breaks one
+One small project (owt only, every stage run once) is built per session; each case copies it, breaks one
 thing, runs one `elf` command in this process and checks the result. The OS-error cases use what these
 machines allow a root user: a small tmpfs (ENOSPC), a read-only bind mount (EROFS) and a file-size limit
 (EFBIG); a case is skipped, with the reason, only where the mount is refused.
@@ -29,14 +29,14 @@ from elf.config import config_from_dict
 from elf.errors import EXIT_BAD_INPUT, EXIT_NEEDS_FIX, ElfError
 from elf.model import build_model
 from elf.sample import SamplerConfig, generate
-from tests.conftest import REPO, inside
+from tests.conftest import REPO, inside, mlflow_store_in
 
 
 @pytest.fixture
 def project(built, tmp_path) -> Path:
     copy = tmp_path / "project"
     shutil.copytree(built, copy)
-    with inside(copy):
+    with inside(copy), mlflow_store_in(copy):
         yield copy
 
 

@@ -83,11 +83,22 @@ def test_dvc_repro_runs_every_stage_and_second_run_does_nothing(project):
     assert {"bleu", "bleu_cased", "rougeL"} <= set(reports["wmt14"]["samplers"]["ode-4"])
     assert reports["xsum"]["primary"]["metric"] == "rougeL"
 
+    # DVC's metrics are a few numbers per dataset (what `dvc exp show` compares); the curves are data plots.
+    shown = json.loads(run(str(BIN / "dvc"), "metrics", "show", "--json", cwd=project))
+    files = next(iter(shown.values()))["data"]
+    assert sorted(files) == sorted(f"metrics/{n}/{f}" for n in ("owt", "wmt14", "xsum")
+                                   for f in ("train.json", "headline.json"))
+    # steps, loss, decode_acc; primary ± SE (a null, e.g. no owt sample of the tiny model parses, is left out)
+    assert 12 <= sum(len(entry["data"]) for entry in files.values()) <= 15
+    assert set(files["metrics/wmt14/headline.json"]["data"]) == {"bleu", "bleu_se"}
+    plots = json.loads(run(str(BIN / "dvc"), "plots", "show", "--json", "--split", cwd=project))
+    assert "metrics/xsum/train_history.csv" in json.dumps(plots) and "metrics/owt/samplers.csv" in json.dumps(plots)
+
     # MLflow: one run per training, with the evaluation on the same run, and the registered models.
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns.db'}")
-    client = mlflow.MlflowClient()
+    # A client of its own: mlflow.set_tracking_uri would also set MLFLOW_TRACKING_URI for the rest of the session.
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
     for name in ("owt", "wmt14", "xsum"):
         run_id = (project / f"models/{name}/mlflow_run_id").read_text().strip()
         metrics = client.get_run(run_id).data.metrics
