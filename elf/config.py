@@ -10,6 +10,7 @@ the result is validated before it is written, and comments in `params.yaml` surv
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,8 @@ from ruamel.yaml.representer import RoundTripRepresenter
 from elf.errors import ElfError
 from elf.files import atomic_file
 from elf.vocab import NUM_SENTINELS, NUM_SPECIAL_TOKENS
+
+INPUT_DIR = Path("data/input")  # users' own files, one folder per dataset (datasets.<ds>.files)
 
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -387,9 +390,16 @@ class Config(_Strict):
     def _check(self) -> Config:
         if not self.datasets:
             raise ValueError("at least one dataset is required")
-        for name in self.datasets:
+        for name, dataset in self.datasets.items():
             if not _DATASET_NAME.match(name):
                 raise ValueError(f"dataset name '{name}' must match {_DATASET_NAME.pattern}")
+            # DVC tracks data/input/<dataset>/ as prepare@<dataset>'s input (dvc.yaml): a file elsewhere could
+            # change without DVC noticing, and stale data would be used.
+            folder = INPUT_DIR / name
+            for split, path in (dataset.files.splits.items() if dataset.source == "files" else ()):
+                if Path(path).is_absolute() or not Path(os.path.normpath(path)).is_relative_to(folder):
+                    raise ValueError(f"datasets.{name}.files.splits.{split}: {path} is not under {folder}/ (DVC "
+                                     f"tracks that folder as the input of prepare@{name}; move or link the file there)")
         unknown = set(self.embed.cache) ^ set(self.datasets)
         if unknown:
             raise ValueError(f"embed.cache must name every dataset exactly once (check: {sorted(unknown)})")

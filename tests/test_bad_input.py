@@ -194,14 +194,17 @@ CASES = [
              (project / "params.yaml").read_text() + "seed: 7\n")),
     Case("params-not-yaml", ["prepare", "owt"], "params.yaml", setup=write("params.yaml", "seed: [1,\n")),
     # input files
-    Case("input-file-missing", ["prepare", "owt"], "user/train.jsonl: file not found",
-         setup=edit_params(files_source("user/train.jsonl"))),
-    Case("input-file-bad-json", ["prepare", "owt"], "user/train.jsonl:2: invalid JSON",
-         setup=both(edit_params(files_source("user/train.jsonl")),
-                    write("user/train.jsonl", '{"t": "a b"}\n{"t": \n'))),
+    Case("input-file-missing", ["prepare", "owt"], "data/input/owt/train.jsonl: file not found",
+         setup=edit_params(files_source("data/input/owt/train.jsonl"))),
+    Case("input-file-outside-data-input", ["prepare", "owt"],
+         "datasets.owt.files.splits.train: corpus/train.jsonl is not under data/input/owt/",
+         setup=both(edit_params(files_source("corpus/train.jsonl")), write("corpus/train.jsonl", '{"t": "a b"}\n'))),
+    Case("input-file-bad-json", ["prepare", "owt"], "data/input/owt/train.jsonl:2: invalid JSON",
+         setup=both(edit_params(files_source("data/input/owt/train.jsonl")),
+                    write("data/input/owt/train.jsonl", '{"t": "a b"}\n{"t": \n'))),
     Case("input-train-split-all-blank", ["prepare", "owt"], "the train split of owt has no row with text",
-         setup=both(edit_params(files_source("user/train.jsonl")),
-                    write("user/train.jsonl", '{"t": " "}\n{"t": ""}\n'))),
+         setup=both(edit_params(files_source("data/input/owt/train.jsonl")),
+                    write("data/input/owt/train.jsonl", '{"t": " "}\n{"t": ""}\n'))),
     Case("input-raw-parquet-corrupt", ["tokenize", "owt"], "data/raw/owt/train.parquet: not a readable Parquet",
          setup=truncate("data/raw/owt/train.parquet")),
     Case("input-tokenizer-corrupt", ["tokenize", "owt"], "data/tokenizer: not a loadable tokenizer directory",
@@ -317,8 +320,8 @@ def test_the_table_covers_every_kind_of_input():
 def test_a_blank_batch_in_the_middle_of_the_data_is_skipped_not_a_crash(project, capsys):
     """A tokenize batch whose rows are all blank used to reach the tokenizer as an empty list (IndexError)."""
     texts = ["", " ", "", " ", "the cat sat", "the cat sat", "the cat sat"]  # batches of 2: the first two blank
-    edit_params(lambda p: (files_source("user/train.jsonl")(p), p["tokenize"].update(batch_size=2)))(project)
-    write("user/train.jsonl", "".join(json.dumps({"t": text}) + "\n" for text in texts))(project)
+    edit_params(lambda p: (files_source("data/input/owt/train.jsonl")(p), p["tokenize"].update(batch_size=2)))(project)
+    write("data/input/owt/train.jsonl", "".join(json.dumps({"t": text}) + "\n" for text in texts))(project)
     assert main(["prepare", "owt"]) == 0
     assert main(["tokenize", "owt"]) == 0, capsys.readouterr().err
     manifest = json.loads((project / "data/tokens/owt/train/manifest.json").read_text())

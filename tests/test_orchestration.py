@@ -252,7 +252,7 @@ def stack(tmp_path_factory, base_env):
         template.mkdir()
         for name in PROJECT_FILES + ["prefect.yaml"]:
             shutil.copy(REPO / name, template / name)
-        for package in ("elf", "flows"):
+        for package in ("elf", "flows", "data/input"):
             shutil.copytree(REPO / package, template / package, ignore=shutil.ignore_patterns("__pycache__"))
         (template / "params.yaml").write_text(yaml.safe_dump(orchestration_params(), sort_keys=False))
         sh("git", "init", "-q", cwd=template)

@@ -52,6 +52,7 @@ def project(tmp_path):
     for name in PROJECT_FILES:
         shutil.copy(REPO / name, repo / name)
     shutil.copytree(REPO / "elf", repo / "elf", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "data/input", repo / "data/input")
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     run("git", "init", "-q", cwd=repo)
     run(str(BIN / "dvc"), "init", "-q", cwd=repo)
@@ -122,6 +123,11 @@ def test_dvc_repro_runs_every_stage_and_second_run_does_nothing(project):
         assert "restored the good copy" in run(str(BIN / "elf"), "lock", "repair", cwd=project)
         assert (project / "dvc.lock").read_text() == lock
         assert "Data and pipelines are up to date." in run(str(BIN / "dvc"), "repro", cwd=project)
+
+    # A file in a dataset's input folder is a dependency of that dataset's prepare stage only.
+    (project / "data/input/wmt14/extra.jsonl").write_text('{"de": "hallo", "en": "hello"}\n')
+    assert list(json.loads(run(str(BIN / "dvc"), "status", "--json", cwd=project))) == ["prepare@wmt14"]
+    (project / "data/input/wmt14/extra.jsonl").unlink()
 
     # One dataset's setting marks that dataset's stage only (each stage depends on its own params sections).
     original = (project / "params.yaml").read_text()
