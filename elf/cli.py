@@ -137,6 +137,10 @@ def _sample(args, config) -> None:
 
     if args.dataset is None:
         raise ElfError("elf sample: give a dataset (the stage) or --model DIR (print a few samples)")
+    flags = [f"--{name.replace('_', '-')}" for name in SAMPLE_FLAGS if getattr(args, name) not in (None, False)]
+    if flags:
+        raise ElfError(f"elf sample {args.dataset}: {', '.join(flags)} apply with --model DIR only (the stage samples "
+                       f"with sample.samplers.{args.dataset} in params.yaml)")
     dataset = config.dataset(args.dataset)
     count = sample_dataset(args.dataset, dataset, config.sample, MODELS_DIR / args.dataset / "model",
                            TOKENS_DIR / args.dataset, RAW_DIR / args.dataset, SAMPLES_DIR / f"{args.dataset}.jsonl")
@@ -149,6 +153,8 @@ def _sample_from_model(args) -> None:
 
     from elf.pretrained import ELFPipeline
 
+    if args.dataset is not None:
+        raise ElfError(f"elf sample: give a dataset (the stage) or --model DIR, not both (got {args.dataset!r})")
     pipeline = ELFPipeline.load(args.model, _gpu_or_cpu())
     sampler = {k: getattr(args, k) for k in ("kind", "steps", "gamma", "guidance", "cfg_scale")}
     try:
@@ -210,10 +216,22 @@ def _config(args, config_path: str) -> None:
             print(f"{config_path}: ok")
 
 
+def _quiet_off_a_terminal() -> None:
+    """No progress bars in logs: ours check elf.runtime.on_terminal; MLflow's artifact transfers are told here."""
+    from elf.runtime import on_terminal
+
+    if not on_terminal():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def _check_dvc_lock() -> None:
-    """Every stage: advise if dvc.lock was broken by a kill, else keep it as the last good copy (elf/lockfile.py)."""
+    """Every stage: advise if dvc.lock was broken by a kill, else keep it as the last good copy (elf/lockfile.py).
+    The launcher of torchrun workers has done it; they do not repeat it."""
+    from elf.distributed import LAUNCHED_ENV
     from elf.lockfile import warn_if_broken
 
+    if LAUNCHED_ENV in os.environ:
+        return
     warning = warn_if_broken(Path.cwd())
     if warning:
         print(warning, file=sys.stderr)
@@ -281,7 +299,8 @@ STAGE_HELP = {  # name: (one line for `elf --help`, what `elf <stage> --help` ad
     "train": ("train (or resume) the ELF model of a dataset → models/<dataset>/",
               "Reads train.defaults with train.datasets.<dataset> over them, and seed. Resumes from the newest "
               "checkpoint; with train.*.nproc_per_node > 1 (or auto) it launches torchrun. Writes the "
-              "self-contained model directory models/<dataset>/model/ and metrics/<dataset>/train.json."),
+              "self-contained model directory models/<dataset>/model/, metrics/<dataset>/train.json and "
+              "train_history.csv."),
     "sample": ("sample with every configured sampler → samples/<dataset>.jsonl; or print a few samples of a model "
                "(--model DIR)",
                "The stage (a dataset given) reads sample.samplers.<dataset>, sample.seeds, num_samples and "
@@ -289,13 +308,15 @@ STAGE_HELP = {  # name: (one line for `elf --help`, what `elf <stage> --help` ad
                "defaulting to the paper's for the model's task (lm: SDE 32 steps, γ 1.5, w 3; seq2seq: ODE 64 "
                "steps, w 1, ω 2)."),
     "evaluate": ("score samples → metrics/<dataset>/eval.json, MLflow, registry",
-                 "Reads evaluate (judge, primary_metric, register_model): metrics as mean ± SE over the seeds."),
+                 "Reads evaluate (judge, primary_metric, register_model): metrics as mean ± SE over the seeds, "
+                 "the primary one also in headline.json, one row per sampler in samplers.csv."),
     "lock": ("check or repair dvc.lock after a kill during DVC's write",
              "check: exit 1 if dvc.lock is empty, unparseable or cut short; repair: restore the last good copy "
              "(.dvc/tmp); save: keep the current dvc.lock as the good copy."),
     "config": ("check, show or switch the configuration (presets)", "Presets live in elf/presets/."),
 }
 DATASET_HELP = "a dataset named in params.yaml (e.g. owt, wmt14, xsum)"
+SAMPLE_FLAGS = ("kind", "steps", "gamma", "guidance", "cfg_scale", "source", "json")  # for `sample --model` only
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             from elf.runtime import configure_device, set_threads
 
             config = load_config(args.params)
+            _quiet_off_a_terminal()
             _check_dvc_lock()
             set_threads(config.threads)
             configure_device(_gpu_or_cpu())

@@ -26,6 +26,7 @@ _NEEDS_FIX = {
     errno.EROFS: "the file system is read-only; run where outputs can be written",
     errno.EACCES: "no permission; fix the permissions, then rerun",
     errno.EPERM: "no permission; fix the permissions, then rerun",
+    errno.ENOENT: "a file or directory is missing",
     errno.ENOTDIR: "a file stands where a directory is expected",
     errno.EEXIST: "a file stands where a directory is to be made",
     errno.EISDIR: "a directory stands where a file is expected",

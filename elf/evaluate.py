@@ -27,6 +27,7 @@ from elf.data.shards import iter_parquet_batches
 from elf.data.tokens import is_blank
 from elf.errors import ElfError
 from elf.files import atomic_file, write_csv_atomic, write_json_atomic
+from elf.hashing import file_sha256
 
 GRAMMAR_FILE = "grammar.json"
 
@@ -240,5 +241,13 @@ def log_report(report: dict[str, Any], run_id: str, samples_path: Path, plot_pat
         if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
             values[f"eval/reference/{key}"] = float(value)
     mlflow.log_metrics(values)
+    # The samples as a table, text first, so that MLflow's artifact viewer shows what the model wrote. log_table
+    # appends to a file of the same name: one file per distinct samples file, logged once.
+    table_file = f"samples-{file_sha256(samples_path)[:12]}.json"
+    if table_file not in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}:
+        rows = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        first = ["text", "sampler", "seed", "index", "source", "reference"]
+        mlflow.log_table({key: [row.get(key) for row in rows] for key in first if any(key in row for row in rows)},
+                         artifact_file=table_file)
     mlflow.log_artifact(str(samples_path), artifact_path="samples")
     mlflow.log_artifact(str(plot_path))

@@ -38,7 +38,8 @@ def os_errno(error: BaseException) -> int | None:
             number = int(match.group(1) or match.group(2))
             if number in errno_codes.errorcode:
                 return number
-        error = error.__cause__ or error.__context__
+        # The cause, else the exception being handled when it was raised, unless that was suppressed (`from None`).
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return None
 
 
@@ -69,9 +70,24 @@ def _tmp_name(final: Path) -> Path:
 
 
 def _remove_leftovers(final: Path) -> None:
-    """Temporary siblings of `final` left by killed runs (its writer holds the stage's lock, so none is live)."""
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    """Temporary siblings of `final` (`.<name>.tmp-<pid>`, `.<name>.old-<pid>`) left by writers that are gone: a
+    kill, a crash. A live writer's are left alone (two processes may write the same file, e.g. torchrun workers)."""
+    for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*"):
+        for stale in final.parent.glob(pattern):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -75,6 +75,10 @@ def sample_dataset(name: str, dataset: DatasetConfig, settings: SampleConfig, mo
     """Run every sampler of `settings` for every evaluation seed; write the rows atomically; return their count."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = load_trained(model_dir, name, device, tokens_dir / "train")
+    for key in ("task", "max_length", "max_input_length"):
+        if pipeline.info.get(key) != getattr(dataset, key):
+            raise ElfError(f"{model_dir}: model was trained with {key} {pipeline.info.get(key)}, params.yaml "
+                           f"datasets.{name}.{key} is {getattr(dataset, key)} (retrain, or restore the setting)")
     model, encoder, tokenizer = pipeline.network, pipeline.encoder, pipeline.tokenizer
     samplers: dict[str, SamplerConfig] = settings.sampler_configs(name)
     rows: list[dict[str, Any]] = []

@@ -114,8 +114,15 @@ def register_candidate(name: str, run_id: str, artifact_path: str, metric: str, 
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="ELF models; aliases: candidate (newest), champion (best)")
-    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    version = client.create_model_version(name, source, run_id=run_id)
+    # The run's logged model of that name (elf/mlflow_model.py): a version then loads with mlflow.pyfunc.
+    run = client.get_run(run_id)
+    logged = client.search_logged_models([run.info.experiment_id], max_results=1, order_by=[
+        {"field_name": "creation_timestamp", "ascending": False}],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{artifact_path}'")
+    if not logged:
+        raise ElfError(f"MLflow run {run_id} has no logged model '{artifact_path}' (trained by an older version: "
+                       "rerun its train stage, which resumes from the last checkpoint)")
+    version = client.create_model_version(name, logged[0].model_uri, run_id=run_id, model_id=logged[0].model_id)
     client.set_registered_model_alias(name, "candidate", version.version)
     if value is not None:
         client.set_model_version_tag(name, version.version, metric, str(value))
@@ -143,3 +150,4 @@ def register_candidate(name: str, run_id: str, artifact_path: str, metric: str, 
     client.set_model_version_tag(name, version.version, "champion_decision", reason)
     client.set_tag(run_id, "registry_decision", f"{name} v{version.version}: {reason}")
     return comparison
+

@@ -117,6 +117,8 @@ class Trainer:
                  d: Dist):
         self.name, self.dataset, self.settings, self.seed, self.paths, self.d = name, dataset, settings, seed, paths, d
         tokens_manifest = read_manifest(paths.tokens, TOKENS_FORMAT)
+        if not paths.tokenizer.is_dir():
+            raise ElfError(f"{paths.tokenizer}: tokenizer directory not found (run the tokenizer stage first)")
         if tokenizer_hash(paths.tokenizer) != tokens_manifest["tokenizer_hash"]:
             raise ElfError(f"{paths.tokens}: tokenized with another tokenizer than {paths.tokenizer} "
                            "(rerun the tokenize stage)")
@@ -412,7 +414,9 @@ def _finish(trainer: Trainer, run) -> dict[str, Any]:
     if run is not None:
         import mlflow
 
-        mlflow.log_artifacts(str(paths.model), artifact_path="model")
+        from elf.mlflow_model import log_pyfunc_model
+
+        log_pyfunc_model(paths.model, trainer.dataset.task)  # the registry's versions are this logged model
         mlflow.log_artifact(str(paths.metrics / "train_loss.png"))
     write_text_atomic(paths.out / "mlflow_run_id", f"{trainer.mlflow_run_id}\n")
     print(json.dumps({"dataset": trainer.name, **summary, "mlflow_run_id": trainer.mlflow_run_id,

@@ -174,7 +174,8 @@ def train_elf(dataset: str, params: dict[str, Any] | None = None, resume: bool =
     Args:
         dataset: a key of `datasets:` in params.yaml (owt, wmt14, xsum by default).
         params: overrides as {"dotted.key": value}, written into params.yaml like `dvc exp run -S`.
-        resume: False deletes models/<dataset>/checkpoints first (train from scratch).
+        resume: False moves models/<dataset>/checkpoints aside first (to models/<dataset>.aside/), so
+            training starts from scratch; nothing is deleted.
         evaluate: also run sample@<dataset> and evaluate@<dataset>.
         push: `dvc push` the outputs and run cache at the end (cluster runs).
         retries, retry_delay_seconds: per step, for transient failures only.
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.train_elf", description=train_elf.description)
     parser.add_argument("dataset")
     parser.add_argument("--params", nargs="*", default=[], metavar="KEY=VALUE", help="params.yaml overrides")
-    parser.add_argument("--no-resume", action="store_true", help="delete the checkpoints first")
+    parser.add_argument("--no-resume", action="store_true", help="move checkpoints aside, train from scratch")
     parser.add_argument("--no-evaluate", action="store_true", help="stop after training")
     parser.add_argument("--push", action="store_true", help="dvc push outputs and run cache at the end")
     parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES)

@@ -380,10 +380,12 @@ def test_mlflow_server_serves_the_training_run(stack, deployed_run):
     runs = {r["info"]["run_id"]: r for r in found["runs"]}
     assert run_id in runs and runs[run_id]["info"]["status"] == "FINISHED"
     assert "loss" in {m["key"] for m in runs[run_id]["data"]["metrics"]}
-    files = api(url, "GET", f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=model")["files"]
-    assert "model/model.safetensors" in {f["path"] for f in files}
     model = api(url, "GET", "/api/2.0/mlflow/registered-models/get?name=elf-owt")["registered_model"]
     assert "candidate" in {a["alias"] for a in model["aliases"]}
+    candidate = next(a["version"] for a in model["aliases"] if a["alias"] == "candidate")
+    version = api(url, "GET", f"/api/2.0/mlflow/model-versions/get?name=elf-owt&version={candidate}")
+    assert version["model_version"]["source"].startswith("models:/m-")  # the run's pyfunc logged model
+    assert version["model_version"]["run_id"] == run_id
     with urllib.request.urlopen(f"{url}/", timeout=10) as page:
         html = page.read().decode()
     assert page.status == 200 and "<html" in html.lower() and "mlflow" in html.lower()

@@ -3,6 +3,7 @@
 import mlflow
 import pytest
 
+from elf.mlflow_model import log_pyfunc_model
 from elf.tracking import mlflow_run, register_candidate
 
 
@@ -13,13 +14,14 @@ def store(tmp_path, monkeypatch):
     return tmp_path
 
 
-def logged_run(store, name: str) -> str:
-    model_dir = store / name
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
-    with mlflow_run("elf-test", name) as run:
-        mlflow.log_artifacts(str(model_dir), artifact_path="model")
-    return run.info.run_id
+@pytest.fixture
+def logged_run(store, built):
+    """A run with the tiny owt model logged as the train stage logs it (a pyfunc logged model)."""
+    def log(name: str) -> str:
+        with mlflow_run("elf-test", name) as run:
+            log_pyfunc_model(built / "models/owt/model", "lm")
+        return run.info.run_id
+    return log
 
 
 def aliases(name: str) -> dict[str, int]:
@@ -28,10 +30,10 @@ def aliases(name: str) -> dict[str, int]:
     return {alias: int(version) for alias, version in model.aliases.items()}
 
 
-def test_champion_moves_only_on_improvement(store):
+def test_champion_moves_only_on_improvement(store, logged_run):
     decisions = []
     for i, ppl in enumerate([20.0, 25.0, 20.0, 15.0, None]):
-        run_id = logged_run(store, f"run{i}")
+        run_id = logged_run(f"run{i}")
         decisions.append(register_candidate("elf-owt", run_id, "model", "oracle_ppl", ppl, higher_is_better=False))
         assert aliases("elf-owt")["candidate"] == i + 1
     assert [d["champion_moved"] for d in decisions] == [True, False, False, True, False]
@@ -44,11 +46,21 @@ def test_champion_moves_only_on_improvement(store):
     assert int(client.get_model_version_by_alias("elf-owt", "champion").version) == 4
 
 
-def test_higher_is_better_metric(store):
-    first = register_candidate("elf-wmt14", logged_run(store, "a"), "model", "bleu", 30.0, higher_is_better=True)
-    second = register_candidate("elf-wmt14", logged_run(store, "b"), "model", "bleu", 31.5, higher_is_better=True)
+def test_higher_is_better_metric(store, logged_run):
+    first = register_candidate("elf-wmt14", logged_run("a"), "model", "bleu", 30.0, higher_is_better=True)
+    second = register_candidate("elf-wmt14", logged_run("b"), "model", "bleu", 31.5, higher_is_better=True)
     assert first["champion_moved"] and second["champion_moved"]
     assert aliases("elf-wmt14") == {"candidate": 2, "champion": 2}
     client = mlflow.MlflowClient()
     run = client.get_run(client.get_model_version("elf-wmt14", "2").run_id)
     assert "bleu 31.5 beats champion v1" in run.data.tags["registry_decision"]
+
+
+def test_the_champion_loads_with_mlflow_pyfunc_and_generates_text(store, logged_run):
+    import pandas as pd
+
+    register_candidate("elf-owt", logged_run("run0"), "model", "oracle_ppl", 9.0, higher_is_better=False)
+    model = mlflow.pyfunc.load_model("models:/elf-owt@champion")
+    texts = model.predict(pd.DataFrame({"source": ["", "", ""]}), params={"steps": 2, "seed": 1})
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert list(model.predict(pd.DataFrame({"source": ["", "", ""]}), params={"steps": 2, "seed": 1})) == list(texts)
