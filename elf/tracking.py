@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -77,21 +78,30 @@ def mlflow_run(experiment: str, run_name: str, params: Mapping[str, Any] | None 
                system_metrics: bool = False) -> Iterator[Any]:
     """Start (or, with `run_id`, reopen) a run; an unreachable tracking server is a one-line error.
 
+    A `run_id` the store does not have (a checkpoint resumed against another store: a fresh clone, a
+    `dvc exp run --temp` workspace) starts a new run instead, with a warning; `params` are logged on new runs.
     `system_metrics` samples CPU / memory / GPU use in the background (MLflow's monitor, needs psutil).
     """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     try:
+        if run_id is not None:
+            try:
+                mlflow.MlflowClient(uri).get_run(run_id)
+            except MlflowException:
+                print(f"warning: MLflow run {run_id} is not in {uri}; recording in a new run", file=sys.stderr)
+                run_id = None
         if run_id is None:
             mlflow.set_experiment(experiment)
     except Exception as error:  # MLflow raises several types for an unreachable or broken store
         raise ElfError(f"MLflow tracking store {uri} is not reachable ({str(error).splitlines()[0]})") from None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
                           log_system_metrics=system_metrics) as run:
-        if params:
+        if params and run_id is None:
             mlflow.log_params(flatten(params))
         commit = git_commit()
         mlflow.set_tags({**({"git_commit": commit} if commit else {}), **(tags or {})})

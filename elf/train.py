@@ -288,8 +288,8 @@ def _mlflow_context(trainer: Trainer, params: dict[str, Any]):
             "encoder_content_hash": read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"]}
     if paths.embeddings is not None:
         tags["embeddings_manifest_sha256"] = file_sha256(paths.embeddings / "manifest.json")
-    return mlflow_run(f"elf-{trainer.name}", f"train-{trainer.name}", params=None if trainer.mlflow_run_id else params,
-                      tags=tags, run_id=trainer.mlflow_run_id, system_metrics=True)
+    return mlflow_run(f"elf-{trainer.name}", f"train-{trainer.name}", params=params, tags=tags,
+                      run_id=trainer.mlflow_run_id, system_metrics=True)
 
 
 def train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths,

@@ -64,3 +64,11 @@ def test_the_champion_loads_with_mlflow_pyfunc_and_generates_text(store, logged_
     texts = model.predict(pd.DataFrame({"source": ["", "", ""]}), params={"steps": 2, "seed": 1})
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert list(model.predict(pd.DataFrame({"source": ["", "", ""]}), params={"steps": 2, "seed": 1})) == list(texts)
+
+
+def test_resuming_against_a_store_without_the_run_records_in_a_new_run(store, capsys):
+    """A checkpoint's run id from another store (a fresh clone, a `dvc exp run --temp` workspace) must not crash."""
+    with mlflow_run("elf-test", "train-owt", params={"lr": 0.002}, run_id="0" * 32) as run:
+        pass
+    assert run.info.run_id != "0" * 32 and "is not in" in capsys.readouterr().err
+    assert mlflow.MlflowClient().get_run(run.info.run_id).data.params == {"lr": "0.002"}
