@@ -380,6 +380,8 @@ def test_mlflow_server_serves_the_training_run(stack, deployed_run):
     runs = {r["info"]["run_id"]: r for r in found["runs"]}
     assert run_id in runs and runs[run_id]["info"]["status"] == "FINISHED"
     assert "loss" in {m["key"] for m in runs[run_id]["data"]["metrics"]}
+    files = api(url, "GET", f"/api/2.0/mlflow/artifacts/list?run_id={run_id}")["files"]
+    assert any(f["path"].startswith("samples-") and f["path"].endswith(".json") for f in files), files  # the table
     model = api(url, "GET", "/api/2.0/mlflow/registered-models/get?name=elf-owt")["registered_model"]
     assert "candidate" in {a["alias"] for a in model["aliases"]}
     candidate = next(a["version"] for a in model["aliases"] if a["alias"] == "candidate")
