@@ -72,3 +72,17 @@ def test_resuming_against_a_store_without_the_run_records_in_a_new_run(store, ca
         pass
     assert run.info.run_id != "0" * 32 and "is not in" in capsys.readouterr().err
     assert mlflow.MlflowClient().get_run(run.info.run_id).data.params == {"lr": "0.002"}
+
+
+def test_a_seq2seq_logged_model_predicts_one_text_per_source(store, built, tmp_path):
+    import pandas as pd
+
+    from tests.test_pretrained import seq2seq_model
+
+    model_dir = seq2seq_model(built, tmp_path / "wmt14")
+    with mlflow_run("elf-test", "train-wmt14") as run:
+        log_pyfunc_model(model_dir, "seq2seq")
+    register_candidate("elf-wmt14", run.info.run_id, "model", "bleu", 1.0, higher_is_better=True)
+    model = mlflow.pyfunc.load_model("models:/elf-wmt14@champion")
+    texts = model.predict(pd.DataFrame({"source": ["the cat sat", "a dog"]}), params={"steps": 2})
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
