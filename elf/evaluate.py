@@ -93,15 +93,21 @@ class Scorer:
 
 
 def _aggregate(per_seed: list[dict[str, float | None]]) -> dict[str, Any]:
-    """mean and standard error over seeds, per metric; a metric missing (None) for any seed stays None."""
+    """Mean and standard error over seeds (`<metric>_se`), per metric; a metric missing (None) for any seed stays
+    None. A per-example SE a metric brings along (`<metric>_example_se`) is averaged over the seeds."""
     summary: dict[str, Any] = {}
     for key in per_seed[0]:
         values = [s.get(key) for s in per_seed]
+        per_example = key.endswith("_example_se")
         if any(v is None or not math.isfinite(v) for v in values):
-            summary[key], summary[f"{key}_se"] = None, None
+            summary[key] = None
+            if not per_example:
+                summary[f"{key}_se"] = None
             continue
         mean, se = metrics.mean_se(values)
-        summary[key], summary[f"{key}_se"] = mean, se
+        summary[key] = mean
+        if not per_example:
+            summary[f"{key}_se"] = se
     return summary
 
 

@@ -262,7 +262,8 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
     """§9 ROUGE-1/2/L F-measure ×100 with stemming, mean over examples and its standard error.
 
-    Flat keys for metric loggers: rouge1, rouge1_se, rouge2, rouge2_se, rougeL, rougeL_se, examples.
+    Flat keys for metric loggers: rouge1, rouge1_example_se, rouge2, …, examples. The SE is over examples
+    (`_example_se`): the evaluation's `<metric>_se` is the SE over seeds (elf/evaluate.py).
     """
     from rouge_score import rouge_scorer
 
@@ -275,6 +276,6 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
             per_type[name].append(100.0 * scores[name].fmeasure)
     out: dict = {}
     for name, values in per_type.items():
-        out[name], out[f"{name}_se"] = mean_se(values)
+        out[name], out[f"{name}_example_se"] = mean_se(values)
     out["examples"] = len(hypotheses)
     return out

@@ -281,7 +281,20 @@ def test_rouge_is_rouge_score_f_measure_with_stemming():
         values = [100 * scorer.score(ref, hyp)[name].fmeasure for hyp, ref in zip(HYPS, REFS, strict=True)]
         mean = sum(values) / len(values)
         se = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
-        assert result[name] == pytest.approx(mean) and result[f"{name}_se"] == pytest.approx(se)
+        assert result[name] == pytest.approx(mean) and result[f"{name}_example_se"] == pytest.approx(se)
     assert result["examples"] == 3
     # Stemming: "reads" and "read" match.
     assert rouge(["Anna read"], ["Anna reads"])["rouge1"] == pytest.approx(100.0)
+
+
+def test_the_se_of_a_figure_is_over_seeds_and_the_per_example_se_keeps_its_own_name():
+    """eval.json's `<metric>_se` is the SE over evaluation seeds (elf-method §9), for ROUGE too."""
+    from elf.evaluate import _aggregate
+
+    per_seed = [rouge(HYPS, REFS), rouge(HYPS[::-1], REFS)]
+    summary = _aggregate(per_seed)
+    values = [s["rougeL"] for s in per_seed]
+    assert summary["rougeL_se"] == pytest.approx(abs(values[0] - values[1]) / 2)  # SE of two seeds
+    assert summary["rougeL_example_se"] == pytest.approx((per_seed[0]["rougeL_example_se"]
+                                                          + per_seed[1]["rougeL_example_se"]) / 2)
+    assert not any(key.endswith("_se_se") for key in summary)
