@@ -238,14 +238,14 @@ def log_report(report: dict[str, Any], run_id: str, samples_path: Path, plot_pat
     """Evaluation metrics on the training's MLflow run: `eval/<sampler>/<metric>` (None values are skipped)."""
     import mlflow
 
-    values = {}
+    values = {}  # 6 significant digits: what the UI shows stays readable, and more is noise for these figures
     for sampler, figures in report["samplers"].items():
         for key, value in figures.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                values[f"eval/{sampler}/{key}"] = float(value)
+                values[f"eval/{sampler}/{key}"] = float(f"{value:.6g}")
     for key, value in report.get("reference", {}).items():
         if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
-            values[f"eval/reference/{key}"] = float(value)
+            values[f"eval/reference/{key}"] = float(f"{value:.6g}")
     mlflow.log_metrics(values)
     # The samples as a table, text first, so that MLflow's artifact viewer shows what the model wrote. log_table
     # appends to a file of the same name: one file per distinct samples file, logged once.

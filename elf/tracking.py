@@ -16,6 +16,7 @@ from typing import Any
 from elf.errors import ElfError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's experiment type tag
 
 
 def tracking_uri() -> str:
@@ -96,7 +97,10 @@ def mlflow_run(experiment: str, run_name: str, params: Mapping[str, Any] | None 
                 print(f"warning: MLflow run {run_id} is not in {uri}; recording in a new run", file=sys.stderr)
                 run_id = None
         if run_id is None:
-            mlflow.set_experiment(experiment)
+            found = mlflow.set_experiment(experiment)
+            if EXPERIMENT_KIND not in found.tags:  # the UI then opens on the training runs, not on GenAI traces
+                mlflow.MlflowClient(uri).set_experiment_tag(found.experiment_id, EXPERIMENT_KIND,
+                                                            "custom_model_development")
     except Exception as error:  # MLflow raises several types for an unreachable or broken store
         raise ElfError(f"MLflow tracking store {uri} is not reachable ({str(error).splitlines()[0]})") from None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,

@@ -379,7 +379,10 @@ def test_mlflow_server_serves_the_training_run(stack, deployed_run):
     found = api(url, "POST", "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]]})
     runs = {r["info"]["run_id"]: r for r in found["runs"]}
     assert run_id in runs and runs[run_id]["info"]["status"] == "FINISHED"
-    assert "loss" in {m["key"] for m in runs[run_id]["data"]["metrics"]}
+    metrics = {m["key"]: m["value"] for m in runs[run_id]["data"]["metrics"]}
+    assert "loss" in metrics and "eval/sde-4/nfe" in metrics  # the evaluation is on the training's run
+    assert experiment["tags"] and {t["key"]: t["value"] for t in experiment["tags"]}.get(
+        "mlflow.experimentKind") == "custom_model_development"  # the UI opens on the training runs
     files = api(url, "GET", f"/api/2.0/mlflow/artifacts/list?run_id={run_id}")["files"]
     assert any(f["path"].startswith("samples-") and f["path"].endswith(".json") for f in files), files  # the table
     model = api(url, "GET", "/api/2.0/mlflow/registered-models/get?name=elf-owt")["registered_model"]
