@@ -10,6 +10,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -29,6 +30,29 @@ def tracking_uri() -> str:
     return uri
 
 
+def redact(uri: str) -> str:
+    """`uri` without user and password (`https://alice:pw@host:5000` → `https://host:5000`): for anything printed,
+    logged or stored. A URI without credentials comes back unchanged."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def http_get(url: str, timeout: float):
+    """GET `url` (urllib); credentials in it (`user:password@`) go into a Basic Authorization header, which
+    urllib does not do by itself. Returns the open response; raises urllib's errors."""
+    import base64
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    request = urllib.request.Request(redact(url))
+    if parts.username is not None:
+        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds when an http(s) tracking server does not answer.
 
@@ -38,17 +62,16 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     other stores (sqlite, databricks, ...) are not probed.
     """
     import urllib.error
-    import urllib.request
 
     if not uri.lower().startswith(("http://", "https://")):
         return
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        http_get(f"{uri.rstrip('/')}/health", timeout).close()
     except urllib.error.HTTPError:
         return
     except (OSError, ValueError) as error:
         reason = getattr(error, "reason", None) or error
-        raise ElfError(f"MLflow tracking server {uri} is not reachable ({reason}); start it or set "
+        raise ElfError(f"MLflow tracking server {redact(uri)} is not reachable ({reason}); start it or set "
                        "MLFLOW_TRACKING_URI to a reachable server (unset: sqlite:///mlruns.db)") from None
 
 
@@ -94,7 +117,7 @@ def mlflow_run(experiment: str, run_name: str, params: Mapping[str, Any] | None 
             try:
                 mlflow.MlflowClient(uri).get_run(run_id)
             except MlflowException:
-                print(f"warning: MLflow run {run_id} is not in {uri}; recording in a new run", file=sys.stderr)
+                print(f"warning: MLflow run {run_id} is not in {redact(uri)}; recording in a new run", file=sys.stderr)
                 run_id = None
         if run_id is None:
             found = mlflow.set_experiment(experiment)
@@ -102,7 +125,8 @@ def mlflow_run(experiment: str, run_name: str, params: Mapping[str, Any] | None 
                 mlflow.MlflowClient(uri).set_experiment_tag(found.experiment_id, EXPERIMENT_KIND,
                                                             "custom_model_development")
     except Exception as error:  # MLflow raises several types for an unreachable or broken store
-        raise ElfError(f"MLflow tracking store {uri} is not reachable ({str(error).splitlines()[0]})") from None
+        raise ElfError(f"MLflow tracking store {redact(uri)} is not reachable "
+                       f"({redact(str(error).splitlines()[0])})") from None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
                           log_system_metrics=system_metrics) as run:
         if params and run_id is None:

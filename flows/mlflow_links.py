@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import sqlite3
-import urllib.request
 from pathlib import Path
 
 from flows.stages import PermanentStageError
@@ -23,7 +22,7 @@ def mlflow_run_link(project: Path, dataset: str) -> dict[str, str] | None:
     store the experiment id is read from the database directly (no mlflow import in the flow process)
     and the URL is the one `make mlflow-ui` serves; for a tracking server it is the server's own UI.
     """
-    from elf.tracking import DEFAULT_TRACKING_URI
+    from elf.tracking import DEFAULT_TRACKING_URI, redact
 
     run_id_file = project / "models" / dataset / "mlflow_run_id"
     if not run_id_file.is_file():
@@ -41,16 +40,18 @@ def mlflow_run_link(project: Path, dataset: str) -> dict[str, str] | None:
                 row = db.execute("SELECT experiment_id FROM runs WHERE run_uuid = ?", (run_id,)).fetchone()
                 experiment = row[0] if row else None
     elif uri.startswith(("http://", "https://")):
-        ui, experiment = uri.rstrip("/"), _experiment_over_http(uri, run_id)
+        ui, experiment = redact(uri).rstrip("/"), _experiment_over_http(uri, run_id)
     else:
-        return {"tracking_uri": uri, "run_id": run_id}
+        return {"tracking_uri": redact(uri), "run_id": run_id}
     link = f"{ui}/#/experiments/{experiment}/runs/{run_id}" if experiment is not None else ui
-    return {"tracking_uri": uri, "run_id": run_id, "url": link}
+    return {"tracking_uri": redact(uri), "run_id": run_id, "url": link}
 
 
 def _experiment_over_http(uri: str, run_id: str) -> str | None:
+    from elf.tracking import http_get
+
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=5) as r:
+        with http_get(f"{uri.rstrip('/')}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=5) as r:
             return json.load(r)["run"]["info"]["experiment_id"]
     except (OSError, ValueError, KeyError):
         return None

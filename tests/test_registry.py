@@ -1,5 +1,7 @@
 """Model registry (real MLflow SQLite store): `candidate` follows every evaluation, `champion` only improvements."""
 
+import json
+
 import mlflow
 import pytest
 
@@ -86,3 +88,47 @@ def test_a_seq2seq_logged_model_predicts_one_text_per_source(store, built, tmp_p
     model = mlflow.pyfunc.load_model("models:/elf-wmt14@champion")
     texts = model.predict(pd.DataFrame({"source": ["the cat sat", "a dog"]}), params={"steps": 2})
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_credentials_in_a_tracking_uri_are_used_but_never_printed(monkeypatch, tmp_path):
+    """A server behind Basic auth is reachable with `user:password@` in MLFLOW_TRACKING_URI, and neither an error
+    nor the flow's link artifact shows the password."""
+    import base64
+    import http.server
+    import socket
+    import threading
+
+    from elf.errors import ElfError
+    from elf.tracking import check_reachable, http_get, redact
+    from flows.mlflow_links import mlflow_run_link
+
+    expected = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200 if self.headers.get("Authorization") == expected else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://alice:s3cret@127.0.0.1:{server.server_port}"
+        assert redact(uri) == f"http://127.0.0.1:{server.server_port}"
+        check_reachable(uri)
+        assert http_get(f"{uri}/health", 5).status == 200  # 200 only because the credentials went into the header
+    finally:
+        server.shutdown()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://alice:s3cret@127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(ElfError) as error:
+        check_reachable(dead, timeout=1)
+    assert "s3cret" not in str(error.value) and "alice" not in str(error.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    (tmp_path / "models/owt").mkdir(parents=True)
+    (tmp_path / "models/owt/mlflow_run_id").write_text("0" * 32)
+    link = mlflow_run_link(tmp_path, "owt")
+    assert "s3cret" not in json.dumps(link) and link["tracking_uri"] == redact(dead)
