@@ -71,7 +71,7 @@ def main() -> None:
         path = Path(f"metrics/{name}/eval.json")
         if path.is_file():
             samplers = json.loads(path.read_text())["samplers"]
-            report[name] = {s: {k: figures.get(k) for k in (*keys, "samples_per_s", "nfe")}
+            report[name] = {s: {k: figures.get(k) for k in (*keys, "nfe")}
                             for s, figures in samplers.items()}
     print(json.dumps(report, indent=2))
 

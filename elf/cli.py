@@ -142,8 +142,17 @@ def _sample(args, config) -> None:
         raise ElfError(f"elf sample {args.dataset}: {', '.join(flags)} apply with --model DIR only (the stage samples "
                        f"with sample.samplers.{args.dataset} in params.yaml)")
     dataset = config.dataset(args.dataset)
-    count = sample_dataset(args.dataset, dataset, config.sample, MODELS_DIR / args.dataset / "model",
-                           TOKENS_DIR / args.dataset, RAW_DIR / args.dataset, SAMPLES_DIR / f"{args.dataset}.jsonl")
+    count, speeds = sample_dataset(args.dataset, dataset, config.sample, MODELS_DIR / args.dataset / "model",
+                                   TOKENS_DIR / args.dataset, RAW_DIR / args.dataset,
+                                   SAMPLES_DIR / f"{args.dataset}.jsonl")
+    run_id_file = MODELS_DIR / args.dataset / "mlflow_run_id"
+    if run_id_file.is_file():  # the speed goes to the training's MLflow run, not into the DVC-tracked samples
+        import mlflow
+
+        from elf.tracking import mlflow_run
+
+        with mlflow_run(f"elf-{args.dataset}", "", run_id=run_id_file.read_text().strip()):
+            mlflow.log_metrics({f"sample/{sampler}/samples_per_s": round(v, 3) for sampler, v in speeds.items()})
     print(f"sample {args.dataset}: {count} rows → {SAMPLES_DIR / f'{args.dataset}.jsonl'}")
 
 

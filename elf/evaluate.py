@@ -157,7 +157,6 @@ def evaluate_dataset(name: str, dataset: DatasetConfig, settings: EvaluateConfig
         report["samplers"][sampler] = {
             "settings": first["settings"], "nfe": first["nfe"], "seeds": sorted(by_seed),
             "samples_per_seed": len(next(iter(by_seed.values()))),
-            "samples_per_s": 1.0 / max(first["seconds_per_sample"], 1e-9),
             **_aggregate(per_seed),
         }
     if dataset.task == "lm":

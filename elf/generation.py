@@ -1,8 +1,9 @@
 """The sample stage: a trained model + the samplers of `params.yaml` → `samples/<dataset>.jsonl`.
 
-One JSON row per sample: dataset, sampler name and settings, evaluation seed, index, generated text, the
-number of network evaluations and the wall time per sample; for seq2seq also the source and the
-reference. Evaluation (`elf/evaluate.py`) reads only this file, so sampling and scoring stay decoupled.
+One JSON row per sample: dataset, sampler name and settings, evaluation seed, index, generated text and the
+number of network evaluations; for seq2seq also the source and the reference. No timings: a rerun writes the
+same bytes (the speed goes to the log and the training's MLflow run). Evaluation (`elf/evaluate.py`) reads
+only this file, so sampling and scoring stay decoupled.
 
 Conditional rows use the training layout (elf-method §2): [source ; target region] of `max_length`
 positions, the clean source kept in place; the text is what the model writes after the source, at most
@@ -71,8 +72,9 @@ def _take(rows: Iterator, limit: int) -> Iterator:
 
 
 def sample_dataset(name: str, dataset: DatasetConfig, settings: SampleConfig, model_dir: Path, tokens_dir: Path,
-                   raw_dir: Path, out_path: Path, device: torch.device | None = None) -> int:
-    """Run every sampler of `settings` for every evaluation seed; write the rows atomically; return their count."""
+                   raw_dir: Path, out_path: Path, device: torch.device | None = None) -> tuple[int, dict[str, float]]:
+    """Run every sampler of `settings` for every evaluation seed; write the rows atomically. Returns their count
+    and each sampler's speed in samples/s (mean over seeds; for the logs and MLflow, not the samples file)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = load_trained(model_dir, name, device, tokens_dir / "train")
     for key in ("task", "max_length", "max_input_length"):
@@ -82,6 +84,7 @@ def sample_dataset(name: str, dataset: DatasetConfig, settings: SampleConfig, mo
     model, encoder, tokenizer = pipeline.network, pipeline.encoder, pipeline.tokenizer
     samplers: dict[str, SamplerConfig] = settings.sampler_configs(name)
     rows: list[dict[str, Any]] = []
+    speeds: dict[str, list[float]] = {}  # timings stay out of the DVC-tracked samples (they change every run)
     if dataset.task == "seq2seq":
         split = "test" if (tokens_dir / "test").is_dir() else "validation"
         sources, _, source_texts, references = conditional_inputs(
@@ -100,14 +103,13 @@ def sample_dataset(name: str, dataset: DatasetConfig, settings: SampleConfig, mo
                 texts = conditional_texts(out.ids, tokenizer, source_mask, dataset.max_length,
                                           dataset.max_input_length)
                 extra = [{"source": s, "reference": r} for s, r in zip(source_texts, references, strict=True)]
-            per_sample = out.seconds / max(len(texts), 1)
             for index, (text, more) in enumerate(zip(texts, extra, strict=True)):
                 rows.append({"dataset": name, "sampler": sampler_name, "settings": cfg.to_dict(), "seed": seed,
-                             "index": index, "text": text, **more, "nfe": out.nfe,
-                             "seconds_per_sample": round(per_sample, 6)})
+                             "index": index, "text": text, **more, "nfe": out.nfe})
+            speeds.setdefault(sampler_name, []).append(len(texts) / max(out.seconds, 1e-9))
             print(f"sample {name}/{sampler_name} seed {seed}: {len(texts)} samples, {out.nfe} network evaluations "
-                  f"each, {len(texts) / out.seconds:.1f} samples/s")
+                  f"each, {speeds[sampler_name][-1]:.1f} samples/s")
     with atomic_file(out_path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return len(rows)
+    return len(rows), {sampler: sum(v) / len(v) for sampler, v in speeds.items()}

@@ -162,3 +162,19 @@ def test_off_a_terminal_stages_print_log_lines_not_progress_bars(built, tmp_path
         assert "it/s" not in result.stderr and "%|" not in result.stderr, result.stderr[-1000:]
         if args[0] == "train":
             assert "train owt: step 3/4 loss" in result.stdout and "train owt: step 4/4 loss" in result.stdout
+
+
+def test_rerunning_sample_and_evaluate_writes_byte_identical_outputs(built, tmp_path):
+    """No timings in DVC-tracked outputs: they would change every hash on a rerun (timings go to MLflow)."""
+    from elf.cli import main
+    from tests.conftest import inside, mlflow_store_in
+
+    project = tmp_path / "project"
+    shutil.copytree(built, project)
+    outputs = ["samples/owt.jsonl", "metrics/owt/eval.json", "metrics/owt/headline.json", "metrics/owt/samplers.csv"]
+    with inside(project), mlflow_store_in(project):
+        assert main(["sample", "owt"]) == 0 and main(["evaluate", "owt"]) == 0
+        first = {name: (project / name).read_bytes() for name in outputs}
+        assert main(["sample", "owt"]) == 0 and main(["evaluate", "owt"]) == 0
+    assert {name: (project / name).read_bytes() for name in outputs} == first
+    assert b"seconds" not in first["samples/owt.jsonl"] and b'"samples_per_s"' not in first["metrics/owt/eval.json"]
