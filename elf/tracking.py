@@ -96,6 +96,21 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def local_store_lock(uri: str, timeout: float = 600.0) -> contextlib.AbstractContextManager:
+    """An exclusive lock for a local SQLite store (`<db>.lock` beside it), else nothing.
+
+    MLflow creates and migrates a fresh SQLite store on first use; two processes doing it at once fail, and
+    can leave it half-migrated so that every later run fails. Registration decisions (read the champion,
+    then move it) are made under the same lock, so two evaluations cannot both move `champion`. A server
+    store serialises its own writes.
+    """
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(f"{uri.removeprefix('sqlite:///')}.lock", timeout=timeout)
+
+
 @contextlib.contextmanager
 def mlflow_run(experiment: str, run_name: str, params: Mapping[str, Any] | None = None,
                tags: Mapping[str, str] | None = None, run_id: str | None = None,
@@ -113,17 +128,19 @@ def mlflow_run(experiment: str, run_name: str, params: Mapping[str, Any] | None 
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        if run_id is not None:
-            try:
-                mlflow.MlflowClient(uri).get_run(run_id)
-            except MlflowException:
-                print(f"warning: MLflow run {run_id} is not in {redact(uri)}; recording in a new run", file=sys.stderr)
-                run_id = None
-        if run_id is None:
-            found = mlflow.set_experiment(experiment)
-            if EXPERIMENT_KIND not in found.tags:  # the UI then opens on the training runs, not on GenAI traces
-                mlflow.MlflowClient(uri).set_experiment_tag(found.experiment_id, EXPERIMENT_KIND,
-                                                            "custom_model_development")
+        with local_store_lock(uri):  # the first user of a fresh SQLite store creates its tables
+            if run_id is not None:
+                try:
+                    mlflow.MlflowClient(uri).get_run(run_id)
+                except MlflowException:
+                    print(f"warning: MLflow run {run_id} is not in {redact(uri)}; recording in a new run",
+                          file=sys.stderr)
+                    run_id = None
+            if run_id is None:
+                found = mlflow.set_experiment(experiment)
+                if EXPERIMENT_KIND not in found.tags:  # the UI then opens on the training runs, not GenAI traces
+                    mlflow.MlflowClient(uri).set_experiment_tag(found.experiment_id, EXPERIMENT_KIND,
+                                                                "custom_model_development")
     except Exception as error:  # MLflow raises several types for an unreachable or broken store
         raise ElfError(f"MLflow tracking store {redact(uri)} is not reachable "
                        f"({redact(str(error).splitlines()[0])})") from None
@@ -143,6 +160,12 @@ def register_candidate(name: str, run_id: str, artifact_path: str, metric: str, 
 
     The comparison is returned and recorded as tags on the version and the run.
     """
+    with local_store_lock(tracking_uri()):  # read the champion and move it as one step
+        return _register(name, run_id, artifact_path, metric, value, higher_is_better)
+
+
+def _register(name: str, run_id: str, artifact_path: str, metric: str, value: float | None,
+              higher_is_better: bool) -> dict[str, Any]:
     import mlflow
     from mlflow.exceptions import MlflowException
 

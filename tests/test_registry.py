@@ -1,6 +1,7 @@
 """Model registry (real MLflow SQLite store): `candidate` follows every evaluation, `champion` only improvements."""
 
 import json
+import os
 
 import mlflow
 import pytest
@@ -132,3 +133,26 @@ def test_credentials_in_a_tracking_uri_are_used_but_never_printed(monkeypatch, t
     (tmp_path / "models/owt/mlflow_run_id").write_text("0" * 32)
     link = mlflow_run_link(tmp_path, "owt")
     assert "s3cret" not in json.dumps(link) and link["tracking_uri"] == redact(dead)
+
+
+CONCURRENT_RUN = """
+import sys
+from elf.tracking import mlflow_run
+with mlflow_run("elf-owt", "train-owt", params={"worker": sys.argv[1]}):
+    pass
+"""
+
+
+def test_processes_starting_on_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
+    """The first users of a fresh SQLite store create its tables; at once, unlocked, most of them failed."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
+    workers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_RUN, str(i)], cwd=tmp_path, env=env,
+                                stderr=subprocess.PIPE, text=True) for i in range(3)]
+    results = [(w.wait(timeout=300), w.stderr.read()) for w in workers]
+    assert all(code == 0 for code, _ in results), [err[-1500:] for code, err in results if code]
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("elf-owt")
+    assert len(client.search_runs([experiment.experiment_id])) == 3
