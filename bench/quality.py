@@ -5,7 +5,8 @@
 Prints JSON with:
 - owt: oracle perplexity (per word, under the demo grammar; over the texts the grammar can produce, with the
   share of such texts) and entropy for 8 / 16 / 32 / 64 steps, ODE and SDE (γ as in elf-method §7, w = 3),
-  next to held-out demo text and an untrained model of the same shape;
+  next to held-out demo text of the same length (validation rows) and an untrained model of the same shape;
+  Gen PPL under the trained judge and distinct-2 when `evaluate.judge` is `trained`;
 - wmt14 BLEU and xsum ROUGE at 64 ODE steps (ω = 2, w = 1) from `metrics/<ds>/eval.json`;
 - sampling throughput: samples/s and network evaluations/s.
 Goals for the demo: at 32 steps oracle perplexity within 1.5× of the held-out text, entropy within 10%;
@@ -39,7 +40,7 @@ def score_model(model, encoder, tokenizer, scorer, length, samples, seeds, kind,
         per_seed.append(scorer.score(ids_to_texts(out.ids, tokenizer)))
         seconds, count = seconds + out.seconds, count + samples
     summary = {}
-    for key in ("oracle_ppl_finite_only", "oracle_finite_fraction", "entropy"):
+    for key in ("oracle_ppl_finite_only", "oracle_finite_fraction", "gen_ppl", "entropy", "distinct_2"):
         values = [s[key] for s in per_seed if s.get(key) is not None]
         summary[key] = round(metrics.mean_se(values)[0], 3) if values else None
     summary["samples_per_s"] = round(count / seconds, 2)
@@ -57,11 +58,13 @@ def main() -> None:
     trained = load_trained(Path("models/owt/model"), "owt", torch.device("cpu"))
     model, encoder, tokenizer = trained.network, trained.encoder, trained.tokenizer
     packing = read_manifest(Path("data/tokens/owt/train"))["packing"]
-    scorer = Scorer(dataset, config.evaluate, Path("data/raw/owt"), load_tokenizer("data/tokenizer"), "cpu", packing)
+    scorer = Scorer(dataset, config.evaluate, Path("data/raw/owt"), load_tokenizer("data/tokenizer"), "cpu", packing,
+                    Path("data/judge/owt"))
     torch.manual_seed(0)
     untrained = ELF(model.cfg).eval()
-    held_out = scorer.score(reference_texts(Path("data/raw/owt"), args.samples * len(args.seeds)))
-    report = {"owt": {"held_out_text": {k: held_out.get(k) for k in ("oracle_ppl", "entropy")}, "trained": {},
+    held_out = scorer.score(reference_texts(Path("data/tokens/owt/validation"), tokenizer, args.samples))
+    report = {"owt": {"held_out_text": {k: held_out.get(k) for k in ("oracle_ppl", "gen_ppl", "entropy",
+                                                                    "distinct_2")}, "trained": {},
                       "untrained_sde_32": score_model(untrained, encoder, tokenizer, scorer, dataset.max_length,
                                                       args.samples, args.seeds, "sde", 32, 1.5)}}
     for kind, steps, gamma in SETTINGS:

@@ -21,6 +21,7 @@ TOKENIZER_DIR = Path("data/tokenizer")
 TOKENS_DIR = Path("data/tokens")
 ENCODER_DIR = Path("data/encoder")
 EMBEDDINGS_DIR = Path("data/embeddings")
+JUDGE_DIR = Path("data/judge")
 MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics")
 SAMPLES_DIR = Path("samples")
@@ -113,6 +114,21 @@ def _embed(args, config) -> None:
         print(f"embed {args.dataset}/{split}: {state}")
 
 
+def _judge(args, config) -> None:
+    from elf.judge import TRAINED, train_judge
+
+    dataset = config.dataset(args.dataset)
+    record = train_judge(args.dataset, dataset.task, dataset.max_length, TOKENS_DIR / args.dataset, TOKENIZER_DIR,
+                         JUDGE_DIR / args.dataset, config.evaluate.trained_judge, config.seed,
+                         wanted=config.evaluate.judge == TRAINED)
+    if record["trained"]:
+        print(f"judge {args.dataset}: {record['parameters']:,} parameters on {record['train_rows']} rows, perplexity "
+              f"{record['train_ppl']:.3g} (train), {record['validation_ppl'] or float('nan'):.3g} (validation) "
+              f"→ {JUDGE_DIR / args.dataset}")
+    else:
+        print(f"judge {args.dataset}: none trained ({record['reason']})")
+
+
 def _train(args, config) -> int | None:
     from elf.distributed import LAUNCHED_ENV, launch_torchrun, resolve_nproc
     from elf.files import read_json
@@ -189,22 +205,35 @@ def _evaluate(args, config) -> None:
     # what params.yaml says now.
     packing = read_manifest(TOKENS_DIR / args.dataset / "train", TOKENS_FORMAT)["packing"]
     report = evaluate_dataset(args.dataset, dataset, config.evaluate, samples, RAW_DIR / args.dataset,
-                              load_tokenizer(TOKENIZER_DIR), metrics_dir, packing=packing)
+                              load_tokenizer(TOKENIZER_DIR), metrics_dir, packing=packing,
+                              tokens_dir=TOKENS_DIR / args.dataset, judge_dir=JUDGE_DIR / args.dataset)
     run_id_file = MODELS_DIR / args.dataset / "mlflow_run_id"
     if run_id_file.is_file():
         from elf.tracking import mlflow_run, register_candidate
 
         run_id = run_id_file.read_text().strip()
-        with mlflow_run(f"elf-{args.dataset}", "", run_id=run_id):
-            log_report(report, run_id, samples, metrics_dir / "eval_quality.png")
+        from elf.files import read_json
+
+        model_dir = MODELS_DIR / args.dataset / "model"
+        with mlflow_run(f"elf-{args.dataset}", "", run_id=run_id) as run:
+            if run.info.run_id != run_id:  # the store lacks the training's run (a warning said so): log the
+                from elf.mlflow_model import log_pyfunc_model  # model here, so that the version has its copy
+
+                run_id = run.info.run_id
+                log_pyfunc_model(model_dir, dataset.task)
+            log_report(report, run_id, samples, metrics_dir / "eval_quality.png",
+                       step=read_json(model_dir / "config.json", "model config")["step"])
         if config.evaluate.register_model:
             primary = report["primary"]
+            selection = report["selection"]
             decision = register_candidate(f"elf-{args.dataset}", run_id, "model", primary["metric"],
-                                          primary["value"], primary["higher_is_better"])
+                                          primary["value"], primary["higher_is_better"],
+                                          not_ranked=None if selection["eligible"] else selection["reason"])
             print(f"registry: {decision['model']} v{decision['version']} is candidate; {decision['reason']}"
                   f"{' → champion' if decision['champion_moved'] else ''}")
     primary = report["primary"]
-    print(f"evaluate {args.dataset}: {primary['metric']} = {primary['value']} ({primary['sampler']})")
+    print(f"evaluate {args.dataset}: {primary['metric']} = {primary['value']} ({primary['sampler']}); "
+          f"{report['selection']['reason']}")
 
 
 def _config(args, config_path: str) -> None:
@@ -308,14 +337,19 @@ STAGE_HELP = {  # name: (one line for `elf --help`, what `elf <stage> --help` ad
     "train": ("train (or resume) the ELF model of a dataset → models/<dataset>/",
               "Reads train.defaults with train.datasets.<dataset> over them, and seed. Resumes from the newest "
               "checkpoint; with train.*.nproc_per_node > 1 (or auto) it launches torchrun. Writes the "
-              "self-contained model directory models/<dataset>/model/, metrics/<dataset>/train.json and "
-              "train_history.csv."),
+              "self-contained model directory models/<dataset>/model/, metrics/<dataset>/train.json, "
+              "train_history.csv and validation_history.csv (the held-out loss every train.*.validation.every "
+              "steps)."),
     "sample": ("sample with every configured sampler → samples/<dataset>.jsonl; or print a few samples of a model "
                "(--model DIR)",
                "The stage (a dataset given) reads sample.samplers.<dataset>, sample.seeds, num_samples and "
                "batch_size. With --model DIR it needs no project: the flags below choose the sampler, "
                "defaulting to the paper's for the model's task (lm: SDE 32 steps, γ 1.5, w 3; seq2seq: ODE 64 "
                "steps, w 1, ω 2)."),
+    "judge": ("train the Gen PPL judge of an lm dataset → data/judge/<dataset>/ (when evaluate.judge is trained)",
+              "A small GPT-2 trained on the dataset's training rows with the project's tokenizer; its own "
+              "perplexity on the validation rows goes to judge.json. Reads evaluate.judge, "
+              "evaluate.trained_judge and seed."),
     "evaluate": ("score samples → metrics/<dataset>/eval.json, MLflow, registry",
                  "Reads evaluate (judge, primary_metric, register_model): metrics as mean ± SE over the seeds, "
                  "the primary one also in headline.json, one row per sampler in samplers.csv."),
@@ -362,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("-n", "--num", type=_positive_int, default=4, help="number of samples (default 4)")
     stage.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     stage.add_argument("--json", action="store_true", help="one JSON object per sample")
+    add("judge", _judge)
     add("evaluate", _evaluate)
     stage = add("lock", None, dataset=None)
     stage.add_argument("action", choices=["check", "repair", "save"])
@@ -406,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             if code:
                 return code
     except ElfError as error:
-        return _fail(str(error), EXIT_BAD_INPUT)
+        return _fail(str(error), getattr(error, "exit_code", EXIT_BAD_INPUT))
     except Exception as error:
         from elf.files import os_errno
 

@@ -230,6 +230,20 @@ class ObjectiveSettings(_Strict):
     condition_dropout: float = Field(default=0.1, ge=0, lt=1)
 
 
+class ValidationSettings(_Strict):
+    """The held-out loss during training (elf/validation.py): fixed rows, fixed t values, fixed noise."""
+
+    every: int = Field(default=0, ge=0)  # steps between checks (0: off); the last step is always checked
+    rows: int = Field(default=256, gt=0)  # the first rows of the validation split (fewer if it has fewer)
+    t_values: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ValidationSettings:
+        if any(not 0.0 < t < 1.0 for t in self.t_values):
+            raise ValueError(f"t_values must lie in (0, 1) (got {self.t_values})")
+        return self
+
+
 class ModelSettings(_Strict):
     """Changes to the preset's network shape (elf-method §5); a field left out (None) keeps the preset's value.
 
@@ -278,6 +292,7 @@ class TrainSettings(_Strict):
     log_every: int = Field(default=10, gt=0)
     shuffle_window: int = Field(default=4, gt=0)  # row groups mixed in the shuffle buffer
     objective: ObjectiveSettings = Field(default_factory=ObjectiveSettings)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
 
     @property
     def learning_rate(self) -> float:
@@ -364,14 +379,39 @@ class SampleConfig(_Strict):
                 for spec in self.samplers[dataset]}
 
 
+class TrainedJudgeSettings(_Strict):
+    """The judge trained on a dataset's own rows when `evaluate.judge` is `trained` (elf/judge.py)."""
+
+    layers: int = Field(default=2, gt=0)
+    hidden: int = Field(default=128, gt=0)
+    heads: int = Field(default=4, gt=0)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    steps: int = Field(default=600, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    lr: float = Field(default=0.003, gt=0, allow_inf_nan=False)
+    max_rows: int = Field(default=200_000, gt=0)  # training rows read (the first ones of the split)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainedJudgeSettings:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        return self
+
+
 class EvaluateConfig(_Strict):
     """Metrics (elf-method §9) and the model registry."""
 
-    judge: str | None = None  # causal LM for Gen PPL by hub name or path (paper: gpt2-large); None = skip
+    # Causal LM for Gen PPL: `trained` (a small one trained here on the dataset, elf/judge.py), a hub name or
+    # path (paper: gpt2-large), or None (skip; lm models are then ranked by the demo oracle only).
+    judge: str | None = None
+    trained_judge: TrainedJudgeSettings = Field(default_factory=TrainedJudgeSettings)
     judge_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     judge_batch_size: int = Field(default=8, gt=0)
     primary_metric: dict[str, str] = Field(default_factory=dict)  # per dataset; default: PPL (lm) or bleu
     register_model: bool = True  # register the model as elf-<dataset> (alias candidate; champion if it is better)
+    # A model is ranked by its primary metric only when its coverage and diversity figures reach this share of
+    # the same figures on reference text of the same length (elf/selection.py); otherwise it never becomes champion.
+    selection_ratio: float = Field(default=0.5, gt=0, le=1)
 
 
 class Config(_Strict):

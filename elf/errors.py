@@ -4,7 +4,9 @@ Every stage turns bad input into an `ElfError` whose message is a single line na
 column or parameter at fault; the CLI prints it and exits `EXIT_BAD_INPUT`. An OS error (disk full, a
 read-only or too-small file system) is printed the same way, naming its path, with an exit code that says
 whether running the stage again can succeed without a person fixing something first. Anything else is a
-bug (a traceback, exit 1, which the flows treat as transient).
+bug (a traceback, exit 1, which the flows treat as transient). An `ElfError` carries its exit code
+(`exit_code`, bad input unless said otherwise): a tracking store that is down, corrupt or lacks its driver
+(`StoreError`, elf/tracking.py) needs a retry, a person, or a setting.
 """
 
 import errno
@@ -38,6 +40,19 @@ _NEEDS_FIX = {
 
 class ElfError(Exception):
     """Bad input or configuration, reported to the user as one line."""
+
+    exit_code: int = EXIT_BAD_INPUT
+
+
+class StoreError(ElfError):
+    """The MLflow tracking store cannot be used; `exit_code` says whether a retry, a person or a setting helps."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_BAD_INPUT):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __reduce__(self):  # keep the code across pickling (args hold only the message)
+        return type(self), (str(self), self.exit_code)
 
 
 def os_error_exit_code(number: int) -> int:

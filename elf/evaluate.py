@@ -23,11 +23,13 @@ from typing import Any
 from elf import metrics
 from elf.config import DatasetConfig, EvaluateConfig
 from elf.data.demo import Grammar
-from elf.data.shards import iter_parquet_batches
-from elf.data.tokens import is_blank
 from elf.errors import ElfError
 from elf.files import atomic_file, write_csv_atomic, write_json_atomic
 from elf.hashing import file_sha256
+from elf.judge import TRAINED, judge_record
+from elf.sample import ids_to_texts
+from elf.selection import eligibility
+from elf.validation import read_token_rows
 
 GRAMMAR_FILE = "grammar.json"
 
@@ -58,11 +60,12 @@ class Scorer:
 
     `packing` is how the model's training rows were packed (the tokens manifest): under `paragraphs` it learned
     rows packed across documents with no separator, so a sample is a stream of documents and the oracle scores
-    it as one (`Grammar.log_prob_stream`); under `documents` each sample is one document.
+    it as one (`Grammar.log_prob_stream`); under `documents` each sample is one document. `judge_dir` holds the
+    judge the `judge` stage trained (used when `evaluate.judge` is `trained`).
     """
 
     def __init__(self, dataset: DatasetConfig, settings: EvaluateConfig, raw_dir: Path, tokenizer, device: str,
-                 packing: str):
+                 packing: str, judge_dir: Path | None = None):
         self.task = dataset.task
         self.stream = packing == "paragraphs"
         self.settings = settings
@@ -71,25 +74,49 @@ class Scorer:
         grammar_path = raw_dir / GRAMMAR_FILE
         self.grammar = (Grammar.from_dict(json.loads(grammar_path.read_text(encoding="utf-8")))
                         if grammar_path.is_file() else None)
-        self.judge = (metrics.load_judge(settings.judge, device, settings.judge_dtype)
-                      if settings.judge and dataset.task == "lm" else None)
+        self.judge, self.judge_info = None, None
+        if settings.judge and dataset.task == "lm":
+            where = settings.judge
+            if settings.judge == TRAINED:
+                if judge_dir is None:
+                    raise ElfError("evaluate.judge is 'trained' but no judge directory was given")
+                record = judge_record(judge_dir)
+                self.judge_info = {"judge": TRAINED, "validation_ppl": record["validation_ppl"],
+                                   "parameters": record["parameters"], "train_rows": record["train_rows"]}
+                where = str(judge_dir)
+            else:
+                self.judge_info = {"judge": settings.judge}
+            self.judge = metrics.load_judge(where, device, settings.judge_dtype)
 
     def score(self, texts: list[str], references: list[str] | None = None) -> dict[str, float | None]:
-        if self.task == "seq2seq":
-            return {**metrics.bleu(texts, references), **metrics.rouge(texts, references)}
+        """Quality figures (BLEU/ROUGE; oracle and Gen PPL) and the coverage and diversity figures that
+        elf/selection.py checks, of one seed's texts."""
         out: dict[str, float | None] = {}
-        if self.grammar is not None:
+        if self.task == "seq2seq":
+            out.update({**metrics.bleu(texts, references), **metrics.rouge(texts, references)})
+        if self.grammar is not None and self.task == "lm":
             oracle = metrics.oracle_ppl(texts, self.grammar, stream=self.stream)
             out.update(oracle_ppl=oracle["ppl"], oracle_ppl_finite_only=oracle["ppl_finite_only"],
                        oracle_finite_fraction=oracle["finite_fraction"])
         if self.judge is not None:
-            judged = metrics.gen_ppl(texts, *self.judge, batch_size=self.settings.judge_batch_size, device=self.device)
-            out.update(gen_ppl=judged["ppl"], entropy=judged["entropy"])
+            model, judge_tokenizer = self.judge
+            judged = metrics.gen_ppl(texts, model, judge_tokenizer, batch_size=self.settings.judge_batch_size,
+                                     max_length=getattr(model.config, "n_positions", 1024), device=self.device)
+            out["gen_ppl"] = judged["ppl"]
+        return {**out, **self.diversity(texts)}
+
+    def diversity(self, texts: list[str]) -> dict[str, float | None]:
+        """Coverage and diversity (elf/selection.py): non-empty share, mean unigram entropy (§9: of the judge's
+        token ids when there is a judge, else of ours) and pooled distinct-2 (of our ids)."""
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts if t.strip()]
+        if self.judge is not None:
+            judge_tokenizer = self.judge[1]
+            entropy = metrics.mean_entropy([judge_tokenizer(t, add_special_tokens=False)["input_ids"]
+                                            for t in texts if t.strip()])
         else:
-            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts if t.strip()]
-            out["entropy"] = metrics.mean_entropy(ids)
-        out["empty_fraction"] = sum(not t.strip() for t in texts) / max(len(texts), 1)
-        return out
+            entropy = metrics.mean_entropy(ids)
+        return {"entropy": entropy, "distinct_2": metrics.distinct_n(ids, 2),
+                "nonempty_fraction": len(ids) / max(len(texts), 1)}
 
 
 def _aggregate(per_seed: list[dict[str, float | None]]) -> dict[str, Any]:
@@ -111,37 +138,43 @@ def _aggregate(per_seed: list[dict[str, float | None]]) -> dict[str, Any]:
     return summary
 
 
-def primary_metric(task: str, configured: str | None, has_grammar: bool, has_judge: bool) -> tuple[str, bool]:
-    """(metric, higher_is_better) that decides the registry's champion; perplexities are lower-is-better."""
+def primary_metric(task: str, configured: str | None, has_grammar: bool, has_judge: bool) -> tuple[str | None, bool]:
+    """(metric, higher_is_better) that decides the registry's champion; perplexities are lower-is-better.
+
+    An lm dataset with neither a judge nor the demo grammar has no quality metric (None): entropy alone would
+    crown random tokens, so such a model is never ranked (set `evaluate.judge`, e.g. `trained`).
+    """
     if configured is None:
         if task == "seq2seq":
             configured = "bleu"
         elif has_judge:
             configured = "gen_ppl"
+        elif has_grammar:
+            configured = "oracle_ppl_finite_only"
         else:
-            configured = "oracle_ppl_finite_only" if has_grammar else "entropy"
+            return None, False
     return configured, "ppl" not in configured
 
 
-def reference_texts(raw_dir: Path, limit: int) -> list[str]:
-    """Held-out real text (validation split) for the reference figures of an lm dataset."""
-    path = raw_dir / "validation.parquet"
-    texts: list[str] = []
-    for batch in iter_parquet_batches(path, ["text"], 4096):
-        texts += [t for t in batch.column("text").to_pylist() if not is_blank(t)]
-        if len(texts) >= limit:
-            break
-    return texts[:limit]
+def reference_texts(tokens_dir: Path, tokenizer, limit: int) -> list[str]:
+    """Reference text of the same length as lm samples: the first `limit` rows of the validation split
+    (`data/tokens/<ds>/validation`, laid out as the model's training rows), decoded as samples are."""
+    rows = read_token_rows(tokens_dir, "lm", limit)
+    if not rows:
+        raise ElfError(f"{tokens_dir}: no validation rows for the reference figures")
+    return ids_to_texts([row[0] for row in rows], tokenizer)
 
 
 def evaluate_dataset(name: str, dataset: DatasetConfig, settings: EvaluateConfig, samples_path: Path, raw_dir: Path,
-                     tokenizer, metrics_dir: Path, packing: str, device: str = "cpu") -> dict[str, Any]:
-    """Score every sampler × seed, aggregate, write eval.json and the plots; returns the report.
+                     tokenizer, metrics_dir: Path, packing: str, tokens_dir: Path, judge_dir: Path | None = None,
+                     device: str = "cpu") -> dict[str, Any]:
+    """Score every sampler × seed, aggregate, check eligibility, write eval.json and the plots; returns the report.
 
-    `packing`: how the training rows were packed, from the tokens manifest (see `Scorer`).
+    `packing`: how the training rows were packed, from the tokens manifest (see `Scorer`); `tokens_dir`:
+    data/tokens/<ds> (lm: its validation rows are the reference text); `judge_dir`: data/judge/<ds>.
     """
     rows = read_samples(samples_path, name)
-    scorer = Scorer(dataset, settings, raw_dir, tokenizer, device, packing)
+    scorer = Scorer(dataset, settings, raw_dir, tokenizer, device, packing, judge_dir)
     groups: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         groups[row["sampler"]][row["seed"]].append(row)
@@ -159,14 +192,23 @@ def evaluate_dataset(name: str, dataset: DatasetConfig, settings: EvaluateConfig
             "samples_per_seed": len(next(iter(by_seed.values()))),
             **_aggregate(per_seed),
         }
+    first_sampler = next(iter(groups))
+    # Reference text of the same count and length as one seed's samples (elf/selection.py).
+    first_seed = sorted(next(iter(groups[first_sampler].values())), key=lambda r: r["index"])
     if dataset.task == "lm":
-        held_out = reference_texts(raw_dir, len(next(iter(next(iter(groups.values())).values()))))
-        report["reference"] = {"held_out_texts": len(held_out), **scorer.score(held_out)}
+        held_out = reference_texts(tokens_dir / "validation", tokenizer, len(first_seed))
+        report["reference"] = {"texts": len(held_out), **scorer.score(held_out)}
+    else:
+        references = [r["reference"] for r in first_seed]
+        report["reference"] = {"texts": len(references), **scorer.diversity(references)}
+    if scorer.judge_info is not None:
+        report["judge"] = scorer.judge_info
     metric, higher = primary_metric(dataset.task, settings.primary_metric.get(name), scorer.grammar is not None,
                                     scorer.judge is not None)
-    first_sampler = next(iter(groups))
     report["primary"] = {"metric": metric, "sampler": first_sampler, "higher_is_better": higher,
-                         "value": report["samplers"][first_sampler].get(metric)}
+                         "value": report["samplers"][first_sampler].get(metric) if metric else None}
+    report["selection"] = eligibility(report["samplers"][first_sampler], report["reference"],
+                                      settings.selection_ratio)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(metrics_dir / "eval.json", report)
     write_json_atomic(metrics_dir / "headline.json", headline(report))
@@ -175,18 +217,22 @@ def evaluate_dataset(name: str, dataset: DatasetConfig, settings: EvaluateConfig
     return report
 
 
-def headline(report: dict[str, Any]) -> dict[str, float | None]:
-    """The DVC metric of a dataset: its primary metric ± SE on the primary sampler, two numbers, so that
-    `dvc exp show` stays readable (the full report is eval.json)."""
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metric of a dataset: its primary metric ± SE on the primary sampler, and whether that sampler's
+    samples pass the coverage and diversity checks (`ranked`), so that `dvc exp show` stays readable and a
+    collapsed model's good number is never shown alone (the full report is eval.json)."""
     primary = report["primary"]
+    if primary["metric"] is None:
+        return {"ranked": False}
     scores = report["samplers"][primary["sampler"]]
-    return {primary["metric"]: primary["value"], f"{primary['metric']}_se": scores.get(f"{primary['metric']}_se")}
+    return {primary["metric"]: primary["value"], f"{primary['metric']}_se": scores.get(f"{primary['metric']}_se"),
+            "ranked": report["selection"]["eligible"]}
 
 
 def sampler_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per sampler (kind, steps, the primary metric ± SE under the fixed name `primary`, and which
     metric that is): the quality-vs-steps data plot of dvc.yaml, the same columns for every dataset."""
-    metric = report["primary"]["metric"]
+    metric = report["primary"]["metric"] or "entropy"  # no quality metric: the plot shows entropy
     return [{"sampler": name, "kind": scores["settings"]["kind"], "steps": scores["settings"]["steps"],
              "primary": scores.get(metric), "primary_se": scores.get(f"{metric}_se"), "metric": metric}
             for name, scores in report["samplers"].items()]
@@ -233,8 +279,9 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def log_report(report: dict[str, Any], run_id: str, samples_path: Path, plot_path: Path) -> None:
-    """Evaluation metrics on the training's MLflow run: `eval/<sampler>/<metric>` (None values are skipped)."""
+def log_report(report: dict[str, Any], run_id: str, samples_path: Path, plot_path: Path, step: int) -> None:
+    """Evaluation metrics on the MLflow run of the training segment that made the model, at its training `step`:
+    `eval/<sampler>/<metric>` (None values are skipped), `eval/reference/<metric>`, `eval/ranked` (0/1)."""
     import mlflow
 
     values = {}  # 6 significant digits: what the UI shows stays readable, and more is noise for these figures
@@ -245,7 +292,9 @@ def log_report(report: dict[str, Any], run_id: str, samples_path: Path, plot_pat
     for key, value in report.get("reference", {}).items():
         if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
             values[f"eval/reference/{key}"] = float(f"{value:.6g}")
-    mlflow.log_metrics(values)
+    values["eval/ranked"] = float(report["selection"]["eligible"])
+    mlflow.log_metrics(values, step=step)
+    mlflow.set_tag("selection", report["selection"]["reason"])
     # The samples as a table, text first, so that MLflow's artifact viewer shows what the model wrote. log_table
     # appends to a file of the same name: one file per distinct samples file, logged once.
     table_file = f"samples-{file_sha256(samples_path)[:12]}.json"

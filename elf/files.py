@@ -151,12 +151,13 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_csv_atomic(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Rows with the same keys as a CSV file with a header (DVC's data plots read it); None is an empty cell."""
+def write_csv_atomic(path: str | Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """Rows with the same keys (`columns`, default the first row's) as a CSV file with a header, also when there
+    are no rows (DVC's data plots read it); None is an empty cell."""
     import csv
 
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else [])
+        writer = csv.DictWriter(handle, fieldnames=columns or (list(rows[0]) if rows else []))
         writer.writeheader()
         writer.writerows(rows)
 

@@ -1,7 +1,8 @@
 """Evaluation metrics (elf-method.md §9), each exactly as the protocol says, plus the demo's oracle likelihood.
 
 - `gen_ppl`: generative perplexity of samples under a judge LM (GPT-2 Large in the paper), with entropy.
-- `unigram_entropy` / `mean_entropy`: the diversity check that must accompany Gen PPL.
+- `unigram_entropy` / `mean_entropy`: the diversity check that must accompany Gen PPL; `distinct_n`: diversity
+  across samples, which per-sample entropy cannot see.
 - `oracle_ppl`: the demo LM corpus's exact per-word perplexity (`elf.data.demo.Grammar`).
 - `bleu` (WMT14) and `rouge` (XSum) through the reference libraries.
 - `mean_se`: mean ± standard error over evaluation seeds or examples.
@@ -84,6 +85,22 @@ def mean_entropy(samples: Sequence[Sequence[int] | Tensor], pad_id: int | None =
     if not samples:
         return None
     return math.fsum(unigram_entropy(ids, pad_id) for ids in samples) / len(samples)
+
+
+def distinct_n(samples: Sequence[Sequence[int]], n: int) -> float | None:
+    """Diversity *across* samples: distinct n-grams / all n-grams, pooled over every sample (Li et al., 2016).
+
+    Per-sample entropy cannot see a set of identical samples (each may be varied on its own); pooled distinct-n
+    falls towards 1 / #samples when every sample is the same. It also falls as samples get longer or more
+    numerous, so compare it only with text of the same count and length (elf/selection.py). None when no
+    sample has n tokens.
+    """
+    grams: Counter = Counter()
+    for ids in samples:
+        ids = list(ids)
+        grams.update(tuple(ids[i:i + n]) for i in range(len(ids) - n + 1))
+    total = sum(grams.values())
+    return len(grams) / total if total else None
 
 
 # ---------------------------------------------------------------------------------------------------------

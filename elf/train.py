@@ -59,6 +59,7 @@ from elf.optim import EMA, build_optimizer, warmup_constant_schedule
 from elf.pretrained import ELFPipeline
 from elf.runtime import configure_device, on_terminal
 from elf.step import TrainStep, micro_batches
+from elf.validation import Validator
 
 
 @dataclass(frozen=True)
@@ -79,12 +80,16 @@ class TrainPaths:
         return self.out / "model"
 
 
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "nproc_per_node", "compile")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "nproc_per_node", "compile",
+                     "validation")
 
 
-def run_record(dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed: everything but the settings that may change midway."""
+def run_record(dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths,
+               device: torch.device) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: everything but the settings that may change midway.
+    On CPUs that includes the thread count: kernels split work by it, so it changes the last bits of a run."""
     return {"dataset": dataset.model_dump(mode="json"), "seed": seed,
+            "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
             "train": settings.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES)),
             "tokens": file_sha256(paths.tokens / "manifest.json"),
             "encoder": read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"]}
@@ -145,12 +150,34 @@ class Trainer:
             device=d.device, rows=(d.rank * self.local_batch, (d.rank + 1) * self.local_batch),
             encoder_hash=read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"],
         )
-        self.run_record = run_record(dataset, settings, seed, paths)
+        self.run_record = run_record(dataset, settings, seed, paths, d.device)
         self.fingerprint = fingerprint(self.run_record)
+        self.validator = self._validator(paths.tokens.parent / "validation") if settings.validation.every else None
         self.step = 0
         self.history: list[dict[str, float]] = []
-        self.mlflow_run_id: str | None = None
+        self.validation_history: list[dict[str, float]] = []
+        self._ema_copy: ELF | None = None  # the network holding the EMA weights for validation, made once
+        self.mlflow_run_id: str | None = None  # this segment's run (a child of the training's run)
+        self.mlflow_parent_run_id: str | None = None  # the training's run: the parent of every segment
         torch.manual_seed(seed + 1 + d.rank)  # per-rank stream for anything else random
+
+    def _validator(self, tokens: Path) -> Validator:
+        if not (tokens / "manifest.json").is_file():
+            raise ElfError(f"{tokens}: no validation split for the validation loss; give datasets.{self.name} a "
+                           f"validation split, or set train.datasets.{self.name}.validation.every: 0")
+        settings = self.settings.validation
+        return Validator(tokens, self.dataset.task, self.dataset.max_length, self.encoder, self.objective,
+                         settings.rows, settings.t_values, self.d, self.micro)
+
+    def validate(self) -> dict[str, float]:
+        """The validation figures of the EMA weights now (elf/validation.py), kept in the history."""
+        if self._ema_copy is None:
+            self._ema_copy = self.ema.ema_model(self.model)
+        else:
+            self.ema.copy_to(self._ema_copy)
+        figures = {"step": self.step, **self.validator(self._ema_copy)}
+        self.validation_history.append(figures)
+        return figures
 
     # -- one optimisation step ------------------------------------------------------------------------------
 
@@ -201,7 +228,8 @@ class Trainer:
             ckpt.write_json(tmp / "trainer.json", {
                 "step": self.step, "world_size": self.d.world, "scheduler": self.scheduler.state_dict(),
                 "ema": {"decay": ema["decay"], "num_updates": ema["num_updates"]}, "history": self.history,
-                "mlflow_run_id": self.mlflow_run_id, "fingerprint": self.fingerprint, "run_record": self.run_record,
+                "validation_history": self.validation_history, "mlflow_parent_run_id": self.mlflow_parent_run_id,
+                "fingerprint": self.fingerprint, "run_record": self.run_record,
             })
 
     def resume(self) -> bool:
@@ -250,11 +278,13 @@ class Trainer:
             ckpt.set_rng_state(ckpt.load_tensors(directory / f"rank-{self.d.rank}-rng.safetensors"))
         self.step = state["step"]
         self.history = state["history"]
-        self.mlflow_run_id = state["mlflow_run_id"]
+        self.validation_history = state.get("validation_history", [])
+        # Older checkpoints kept one run for the whole training under "mlflow_run_id": it becomes the parent.
+        self.mlflow_parent_run_id = state.get("mlflow_parent_run_id", state.get("mlflow_run_id"))
         return True
 
 
-def _plot_loss(history: list[dict[str, float]], path: Path, title: str) -> None:
+def _plot_loss(history: list[dict[str, float]], validation: list[dict[str, float]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,6 +294,9 @@ def _plot_loss(history: list[dict[str, float]], path: Path, title: str) -> None:
     steps = [h["step"] for h in history]
     axes[0].plot(steps, [h["loss"] for h in history], label="loss")
     axes[0].plot(steps, [h["mse"] for h in history], label="mse (denoise)", alpha=0.7)
+    if validation:
+        axes[0].errorbar([h["step"] for h in validation], [h["loss"] for h in validation],
+                         yerr=[h["loss_se"] for h in validation], marker="o", label="validation loss (EMA)")
     axes[0].set_yscale("log")
     axes[0].legend()
     axes[1].plot(steps, [h["ce"] for h in history], label="ce (decode)")
@@ -278,18 +311,41 @@ def _plot_loss(history: list[dict[str, float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+@contextlib.contextmanager
 def _mlflow_context(trainer: Trainer, params: dict[str, Any]):
-    from elf.tracking import mlflow_run
+    """The MLflow run of this training segment (rank 0; None elsewhere).
+
+    Every call of `train` is a segment — a fresh start, a resume after a crash, an extension to more steps —
+    and gets its own run, a child of the training's run (one per training from step 0, kept in the
+    checkpoints). Its params, metrics from its first step, the model it ends with (a logged model of its own,
+    elf/mlflow_model.py) and later the evaluation of that model all stay apart from other segments', so a
+    registered version always points at the copy its segment logged.
+    """
+    from elf.tracking import flatten, git_commit, mlflow_run
 
     if not trainer.d.main:
-        return contextlib.nullcontext(None)
+        yield None
+        return
+    import mlflow
+
     paths = trainer.paths
     tags = {"dataset": trainer.name, "tokens_manifest_sha256": file_sha256(paths.tokens / "manifest.json"),
             "encoder_content_hash": read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"]}
     if paths.embeddings is not None:
         tags["embeddings_manifest_sha256"] = file_sha256(paths.embeddings / "manifest.json")
-    return mlflow_run(f"elf-{trainer.name}", f"train-{trainer.name}", params=params, tags=tags,
-                      run_id=trainer.mlflow_run_id, system_metrics=True)
+    with mlflow_run(f"elf-{trainer.name}", f"train-{trainer.name}", tags=tags,
+                    run_id=trainer.mlflow_parent_run_id) as parent:
+        trainer.mlflow_parent_run_id = parent.info.run_id
+        start = trainer.step
+        with mlflow.start_run(run_name=f"train-{trainer.name} from step {start}", nested=True,
+                              log_system_metrics=True) as segment:
+            mlflow.log_params(flatten(params))
+            commit = git_commit()
+            mlflow.set_tags({**tags, "segment_start_step": str(start), **({"git_commit": commit} if commit else {})})
+            try:
+                yield segment
+            finally:
+                mlflow.set_tag("segment_end_step", str(trainer.step))
 
 
 def train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths,
@@ -346,7 +402,7 @@ def _train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int
               f"{'resuming at step ' + str(trainer.step) if resumed else 'from scratch'}, "
               f"{d.world} process(es), {trainer.micro}-row micro-batches, lr {settings.learning_rate:g}")
     with _mlflow_context(trainer, params) as run:
-        if d.main and run is not None:
+        if run is not None:
             import mlflow
 
             trainer.mlflow_run_id = run.info.run_id
@@ -379,6 +435,14 @@ def _train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int
                         print(f"train {name}: step {trainer.step}/{settings.steps} loss {metrics['loss']:.4f} "
                               f"{metrics['tokens_per_s']:,.0f} tokens/s", flush=True)
             progress.update(1)
+            every = settings.validation.every
+            if every and (trainer.step % every == 0 or trainer.step == settings.steps):
+                figures = trainer.validate()
+                if d.main:
+                    mlflow.log_metrics({f"val/{k}": v for k, v in figures.items() if k != "step"}, step=trainer.step)
+                    if not bar:
+                        print(f"train {name}: step {trainer.step} validation loss {figures['loss']:.4f} "
+                              f"± {figures['loss_se']:.4f} ({figures['rows']} rows)", flush=True)
             if save_now:
                 trainer.save_checkpoint()
         progress.close()
@@ -406,11 +470,17 @@ def _finish(trainer: Trainer, run) -> dict[str, Any]:
     # train.json is the DVC metric (few numbers: `dvc exp show` stays readable); the rest goes to MLflow, and
     # the loss curve to train_history.csv, a data plot `dvc plots diff` overlays across experiments.
     summary = {"steps": trainer.step, **{k: last[k] for k in ("loss", "decode_acc") if k in last}}
+    validation = trainer.validation_history
+    if validation and validation[-1]["step"] == trainer.step:
+        summary.update({f"val_{k}": validation[-1][k] for k in ("loss", "loss_se", "ce", "decode_acc")})
     paths.metrics.mkdir(parents=True, exist_ok=True)
     write_json_atomic(paths.metrics / "train.json", summary)
     curve = [{k: h.get(k) for k in ("step", "loss", "mse", "ce", "decode_acc", "lr")} for h in trainer.history]
     write_csv_atomic(paths.metrics / "train_history.csv", curve)
-    _plot_loss(trainer.history, paths.metrics / "train_loss.png", f"ELF training: {trainer.name}")
+    columns = ["step", "loss", "loss_se", "mse", "ce", "decode_acc"]
+    write_csv_atomic(paths.metrics / "validation_history.csv", [{k: h[k] for k in columns} for h in validation],
+                     columns)
+    _plot_loss(trainer.history, validation, paths.metrics / "train_loss.png", f"ELF training: {trainer.name}")
     if run is not None:
         import mlflow
 

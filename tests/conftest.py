@@ -15,7 +15,8 @@ for key, value in {
     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
-    # One torch thread in the tests and the `elf` commands they start (`threads: null` reads it): the test
+    # One torch thread in the tests and the `elf` commands they start (params with `threads: null` read it; the
+    # test projects set `threads: 1`): the test
     # machines share 2 cores, where two spinning threads per process make everything several times slower.
     "OMP_NUM_THREADS": "1",
     # The tests are the CPU path (gloo, fp32), also on a machine with GPUs; bench/gpu_check.py checks the GPU.
@@ -44,8 +45,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-STAGES = [["prepare", "owt"], ["tokenizer"], ["tokenize", "owt"], ["encoder"], ["embed", "owt"], ["train", "owt"],
-          ["sample", "owt"], ["evaluate", "owt"]]
+STAGES = [["prepare", "owt"], ["tokenizer"], ["tokenize", "owt"], ["encoder"], ["embed", "owt"], ["judge", "owt"],
+          ["train", "owt"], ["sample", "owt"], ["evaluate", "owt"]]
 
 
 def tiny_owt_params() -> dict:
@@ -53,6 +54,8 @@ def tiny_owt_params() -> dict:
     import yaml
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["threads"] = 1  # the test machines share 2 cores (see ENV above)
+    params["evaluate"]["trained_judge"].update(layers=1, hidden=32, heads=2, steps=20, batch_size=8)
     params["datasets"] = {"owt": params["datasets"]["owt"]}
     params["datasets"]["owt"]["demo"].update(train_size=120, validation_size=10)
     params["tokenizer"]["vocab_size"] = 300

@@ -17,6 +17,8 @@ PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproje
 
 def tiny_params() -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["threads"] = 1  # the test machines share 2 cores (tests/conftest.py)
+    params["evaluate"]["trained_judge"].update(layers=1, hidden=32, heads=2, steps=20, batch_size=8)
     datasets = params["datasets"]
     datasets["owt"]["demo"].update(train_size=300, validation_size=20)
     datasets["wmt14"]["demo"].update(train_size=200, validation_size=20, test_size=20)

@@ -156,3 +156,16 @@ def test_processes_starting_on_a_fresh_sqlite_store_at_once_all_succeed(tmp_path
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("elf-owt")
     assert len(client.search_runs([experiment.experiment_id])) == 3
+
+
+def test_a_model_that_is_not_ranked_never_becomes_champion(store, logged_run):
+    first = register_candidate("elf-owt", logged_run("collapsed"), "model", "gen_ppl", 2.0, higher_is_better=False,
+                               not_ranked="not ranked: distinct_2 0.02 < 0.5 × reference 0.35")
+    assert not first["champion_moved"] and first["reason"].startswith("not ranked")  # not even as the first
+    second = register_candidate("elf-owt", logged_run("real"), "model", "gen_ppl", 9.0, higher_is_better=False)
+    third = register_candidate("elf-owt", logged_run("collapsed-again"), "model", "gen_ppl", 1.5,
+                               higher_is_better=False, not_ranked="not ranked: entropy 0.1 < 0.5 × reference 2.7")
+    assert second["champion_moved"] and not third["champion_moved"]
+    assert aliases("elf-owt") == {"candidate": 3, "champion": 2}
+    no_metric = register_candidate("elf-owt", logged_run("no-judge"), "model", None, None, higher_is_better=False)
+    assert not no_metric["champion_moved"] and "no quality metric" in no_metric["reason"]

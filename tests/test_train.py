@@ -29,7 +29,8 @@ DATASETS = {
                            demo={"generator": "translation", "train_size": 120, "validation_size": 10}),
 }
 SETTINGS = dict(preset="tiny", model={"depth": 1, "hidden": 32, "heads": 2}, steps=6, batch_size=8,
-                checkpoint_every=2, log_every=1, warmup_steps=2, lr=0.003, shuffle_window=2, ema_decay=0.9)
+                checkpoint_every=2, log_every=1, warmup_steps=2, lr=0.003, shuffle_window=2, ema_decay=0.9,
+                validation={"every": 2, "rows": 10})
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,10 @@ def test_train_writes_model_metrics_and_plot(data, tmp_path):
     summary = train("owt", DATASETS["owt"], TrainSettings(**SETTINGS), 42, p)
     model, meta = load_model(p.model)
     assert meta["dataset"] == "owt" and meta["step"] == 6 and meta["mlflow_run_id"]
-    assert json.loads((p.metrics / "train.json").read_text())["steps"] == 6
+    figures = json.loads((p.metrics / "train.json").read_text())
+    assert figures["steps"] == 6 and figures["val_loss"] > 0 and 0 < figures["val_loss_se"] < figures["val_loss"]
+    curve = (p.metrics / "validation_history.csv").read_text().splitlines()
+    assert curve[0] == "step,loss,loss_se,mse,ce,decode_acc" and [r.split(",")[0] for r in curve[1:]] == ["2", "4", "6"]
     assert (p.metrics / "train_loss.png").stat().st_size > 0
     assert sorted(c.name for c in (p.out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
     assert summary["loss"] > 0 and model.cfg.depth == 1
@@ -92,7 +96,8 @@ def test_train_writes_model_metrics_and_plot(data, tmp_path):
 
     run = mlflow.MlflowClient().get_run(meta["mlflow_run_id"])
     assert run.data.params["train.batch_size"] == "8"
-    assert {"loss", "mse", "ce", "lr", "grad_norm", "tokens_per_s"} <= set(run.data.metrics)
+    assert {"loss", "mse", "ce", "lr", "grad_norm", "tokens_per_s", "val/loss", "val/loss_se", "val/mse_t0.5",
+            "val/ce"} <= set(run.data.metrics)
     assert run.data.tags["dataset"] == "owt" and run.data.tags["encoder_content_hash"]
 
 
@@ -140,6 +145,9 @@ def test_resume_after_kill_continues_with_identical_weights(data, tmp_path, name
     straight_model, _ = load_model(straight.model)
     killed_model, _ = load_model(killed.model)
     assert_same_weights(straight_model.state_dict(), killed_model.state_dict())
+    # Fixed rows and noise: the resumed run's validation curve is the uninterrupted one, figure for figure.
+    assert (killed.metrics / "validation_history.csv").read_text() == \
+        (straight.metrics / "validation_history.csv").read_text()
 
 
 # AdamW: the same update up to float summation order. Muon: its Newton–Schulz iteration runs in bf16 (torch's
@@ -159,6 +167,11 @@ def test_two_gloo_processes_match_one_process(data, tmp_path, optimizer, atol):
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(final_weights(one), final_weights(two), atol=atol)
+    # Each process scores its share of the validation rows; the reduced figures are those of one process.
+    one_val = json.loads((one.metrics / "train.json").read_text())
+    two_val = json.loads((two.metrics / "train.json").read_text())
+    assert two_val["val_loss"] == pytest.approx(one_val["val_loss"], rel=1e-3)
+    assert two_val["val_loss_se"] == pytest.approx(one_val["val_loss_se"], rel=1e-2)
 
 
 def test_micro_batches_match_full_batch(data, tmp_path):
@@ -243,3 +256,30 @@ def test_a_second_training_on_the_same_model_directory_is_refused(data, tmp_path
         holder.wait()
     train("owt", DATASETS["owt"], TrainSettings(**SETTINGS), 0, p)  # the holder gone, the lock is free
     assert (p.out / "model" / "model.safetensors").is_file()
+
+
+def test_each_training_segment_has_its_own_run_and_frozen_registered_model(data, tmp_path):
+    """Train 4 steps and register; extend to 6 and register: version 1 still serves the 4-step weights."""
+    import mlflow
+
+    from elf.tracking import register_candidate, tracking_uri
+
+    p = paths(data, tmp_path)
+    client = mlflow.MlflowClient(tracking_uri())  # this test's store (MLflow keeps the last URI process-wide)
+    runs, steps = [], [4, 6]
+    for total in steps:
+        train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": total}), 42, p)
+        runs.append((p.out / "mlflow_run_id").read_text().strip())
+        register_candidate("elf-owt", runs[-1], "model", "gen_ppl", 10.0 - total, higher_is_better=False)
+    first, second = (client.get_run(r) for r in runs)
+    assert first.info.run_id != second.info.run_id
+    parent = first.data.tags["mlflow.parentRunId"]
+    assert second.data.tags["mlflow.parentRunId"] == parent  # one training, two segments
+    assert [(r.data.tags["segment_start_step"], r.data.tags["segment_end_step"]) for r in (first, second)] == \
+        [("0", "4"), ("4", "6")]
+    assert [h.step for h in client.get_metric_history(second.info.run_id, "loss")] == [5, 6]
+    assert second.data.params["train.steps"] == "6" and first.data.params["train.steps"] == "4"
+    for version, total in zip(("1", "2"), steps, strict=True):
+        loaded = mlflow.artifacts.download_artifacts(f"models:/elf-owt/{version}", dst_path=str(tmp_path / version))
+        config = json.loads(next(Path(loaded).rglob("config.json")).read_text())
+        assert config["step"] == total, version
