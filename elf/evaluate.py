@@ -293,7 +293,10 @@ def log_report(report: dict[str, Any], run_id: str, samples_path: Path, plot_pat
         if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
             values[f"eval/reference/{key}"] = float(f"{value:.6g}")
     values["eval/ranked"] = float(report["selection"]["eligible"])
-    mlflow.log_metrics(values, step=step)
+    from elf.tracking import latest_logged_model
+
+    logged = latest_logged_model(mlflow.MlflowClient(), run_id)  # the figures show on the model's page too
+    mlflow.log_metrics(values, step=step, model_id=logged.model_id if logged else None)
     mlflow.set_tag("selection", report["selection"]["reason"])
     # The samples as a table, text first, so that MLflow's artifact viewer shows what the model wrote. log_table
     # appends to a file of the same name: one file per distinct samples file, logged once.

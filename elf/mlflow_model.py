@@ -9,6 +9,7 @@ take the paper's setting for the model's task (elf/sample.py HEADLINE_SAMPLERS).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,10 @@ def log_pyfunc_model(model_dir: Path, task: str) -> None:
     example = pd.DataFrame({"source": ["" if task == "lm" else "a source text"]})
     # This package travels with the model (code_paths); pip installs what it needs (its own dependencies).
     needs = [r for r in requires("elf") or [] if "extra ==" not in r]
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    tags = {key: str(config[key]) for key in ("dataset", "step", "tokenizer_hash", "encoder_content_hash",
+                                               "weights_sha256") if key in config}
     mlflow.pyfunc.log_model(name="model", python_model=ELFPyfuncModel(), artifacts={"model": str(model_dir)},
+                            step=config.get("step", 0), tags=tags,
                             signature=infer_signature(example, ["a generated text"], params=params),
                             code_paths=[str(Path(__file__).parent)], pip_requirements=needs)

@@ -285,6 +285,15 @@ def mlflow_run(experiment: str, run_name: str, params: Mapping[str, Any] | None 
         yield run
 
 
+def latest_logged_model(client, run_id: str, name: str = "model"):
+    """The newest logged model `name` of a run (an MLflow `LoggedModel`), or None."""
+    run = client.get_run(run_id)
+    logged = client.search_logged_models([run.info.experiment_id], max_results=1, order_by=[
+        {"field_name": "creation_timestamp", "ascending": False}],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'")
+    return logged[0] if logged else None
+
+
 def register_candidate(name: str, run_id: str, artifact_path: str, metric: str | None, value: float | None,
                        higher_is_better: bool, not_ranked: str | None = None) -> dict[str, Any]:
     """Register the run's model as a new version of `name` with alias `candidate`; move `champion` to it only
@@ -318,14 +327,11 @@ def _register(name: str, run_id: str, artifact_path: str, metric: str | None, va
     except Exception as error:
         raise store_error(uri, error) from None
     # The run's logged model of that name (elf/mlflow_model.py): a version then loads with mlflow.pyfunc.
-    run = client.get_run(run_id)
-    logged = client.search_logged_models([run.info.experiment_id], max_results=1, order_by=[
-        {"field_name": "creation_timestamp", "ascending": False}],
-        filter_string=f"source_run_id = '{run_id}' AND name = '{artifact_path}'")
-    if not logged:
+    logged = latest_logged_model(client, run_id, artifact_path)
+    if logged is None:
         raise ElfError(f"MLflow run {run_id} has no logged model '{artifact_path}' (trained by an older version: "
                        "rerun its train stage, which resumes from the last checkpoint)")
-    version = client.create_model_version(name, logged[0].model_uri, run_id=run_id, model_id=logged[0].model_id)
+    version = client.create_model_version(name, logged.model_uri, run_id=run_id, model_id=logged.model_id)
     client.set_registered_model_alias(name, "candidate", version.version)
     if value is not None and metric is not None:
         client.set_model_version_tag(name, version.version, metric, str(value))

@@ -472,7 +472,7 @@ def _finish(trainer: Trainer, run) -> dict[str, Any]:
     summary = {"steps": trainer.step, **{k: last[k] for k in ("loss", "decode_acc") if k in last}}
     validation = trainer.validation_history
     if validation and validation[-1]["step"] == trainer.step:
-        summary.update({f"val_{k}": validation[-1][k] for k in ("loss", "loss_se", "ce", "decode_acc")})
+        summary.update({f"val_{k}": validation[-1][k] for k in ("loss", "loss_se")})
     paths.metrics.mkdir(parents=True, exist_ok=True)
     write_json_atomic(paths.metrics / "train.json", summary)
     curve = [{k: h.get(k) for k in ("step", "loss", "mse", "ce", "decode_acc", "lr")} for h in trainer.history]

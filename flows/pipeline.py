@@ -40,8 +40,10 @@ from flows.train_elf import DEFAULT_RETRIES, DEFAULT_RETRY_DELAY_SECONDS, train_
 
 @task(name="shared data", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=is_transient)
 def shared_data_task(project: Path, datasets: list[str]) -> None:
-    """All data stages of the chosen datasets in one DVC process (DVC runs them in dependency order)."""
-    ensure_up_to_date([f"embed@{name}" for name in datasets], project, get_run_logger())
+    """All data stages (and judges) of the chosen datasets in one DVC process (DVC runs them in dependency
+    order), so that the datasets' own flows find them up to date and never walk the shared stages at once."""
+    ensure_up_to_date([f"{stage}@{name}" for name in datasets for stage in ("embed", "judge")], project,
+                      get_run_logger())
 
 
 @task(name="dataset", task_run_name="dataset {dataset}", cache_policy=NO_CACHE, persist_result=False)

@@ -53,8 +53,8 @@ STAGE_TASK_OPTIONS: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=
 
 @task(name="data", task_run_name="data {dataset}", **STAGE_TASK_OPTIONS)
 def data_task(project: Path, dataset: str) -> None:
-    """Everything `train@<ds>` reads (prepare, tokenizer, tokenize, encoder, embed) and the judge evaluate
-    reads (a small model, trained once per dataset): no slot."""
+    """Everything `train@<ds>` reads (prepare, tokenizer, tokenize, encoder, embed) and the judge the evaluation
+    reads (a small model trained once per dataset): no slot."""
     ensure_up_to_date([f"embed@{dataset}", f"judge@{dataset}"], project, get_run_logger())
 
 

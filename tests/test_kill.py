@@ -40,6 +40,7 @@ OUTPUTS = {
     "tokenize": (["data/tokens/owt"], None),
     "encoder": (["data/encoder"], None),
     "embed": (["data/embeddings/owt"], None),
+    "judge": (["data/judge/owt"], None),
     "train": (["models/owt/model/model.safetensors", "models/owt/checkpoints/step-000002/ema.safetensors"], None),
     "sample": (["samples/owt.jsonl"], text_of_samples),
     "evaluate": (["metrics/owt/eval.json"], primary_of),

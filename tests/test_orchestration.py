@@ -367,7 +367,7 @@ def test_deployment_run_retries_a_killed_training_and_resumes_from_its_checkpoin
     samplers = json.loads(project.joinpath("metrics/owt/eval.json").read_text())["samplers"]
     rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
     assert table["type"] == "table" and [row["sampler"] for row in rows] == list(samplers)
-    assert run_id in table["description"] and "oracle_ppl" in table["description"]
+    assert run_id in table["description"] and "gen_ppl" in table["description"]
 
 
 @pytest.mark.slow

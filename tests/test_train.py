@@ -283,3 +283,6 @@ def test_each_training_segment_has_its_own_run_and_frozen_registered_model(data,
         loaded = mlflow.artifacts.download_artifacts(f"models:/elf-owt/{version}", dst_path=str(tmp_path / version))
         config = json.loads(next(Path(loaded).rglob("config.json")).read_text())
         assert config["step"] == total, version
+        source = client.get_model_version("elf-owt", version).source  # models:/<its logged model's id>
+        logged = client.get_logged_model(source.removeprefix("models:/"))
+        assert logged.tags["step"] == str(total) and logged.tags["weights_sha256"] == config["weights_sha256"]
