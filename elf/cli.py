@@ -225,8 +225,12 @@ def _evaluate(args, config) -> None:
                        step=read_json(model_dir / "config.json", "model config")["step"])
         if config.evaluate.register_model:
             primary = report["primary"]
-            selection = report["selection"]
-            decision = register_candidate(f"elf-{args.dataset}", run_id, "model", primary["metric"],
+            selection, metric = report["selection"], primary["metric"]
+            if metric == "gen_ppl":  # comparable under the same judge only: a champion judged otherwise has none
+                import re
+
+                metric = "gen_ppl/" + re.sub(r"[^\w\-. ]", "_", report["judge"]["id"])  # an MLflow tag name
+            decision = register_candidate(f"elf-{args.dataset}", run_id, "model", metric,
                                           primary["value"], primary["higher_is_better"],
                                           not_ranked=None if selection["eligible"] else selection["reason"])
             print(f"registry: {decision['model']} v{decision['version']} is candidate; {decision['reason']}"
@@ -441,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             if code:
                 return code
     except ElfError as error:
-        return _fail(str(error), getattr(error, "exit_code", EXIT_BAD_INPUT))
+        return _fail(str(error), error.exit_code)
     except Exception as error:
         from elf.files import os_errno
 

@@ -239,8 +239,8 @@ class ValidationSettings(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ValidationSettings:
-        if any(not 0.0 < t < 1.0 for t in self.t_values):
-            raise ValueError(f"t_values must lie in (0, 1) (got {self.t_values})")
+        if any(not 0.0 < t < 1.0 for t in self.t_values) or len(set(self.t_values)) < len(self.t_values):
+            raise ValueError(f"t_values must be distinct and lie in (0, 1) (got {self.t_values})")
         return self
 
 

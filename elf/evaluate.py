@@ -1,21 +1,26 @@
 """The evaluate stage: `samples/<dataset>.jsonl` → `metrics/<dataset>/eval.json`, plots, MLflow, registry.
 
 Metrics follow elf-method §9 (see elf/metrics.py for each protocol):
-- lm: oracle perplexity under the demo grammar when `data/raw/<ds>/grammar.json` exists (the demo; each
-  sample scored as a stream of documents when `tokenize.packing` is `paragraphs`), Gen PPL
-  when a judge LM is configured, and unigram entropy (of the judge's token ids, or of our tokenizer's ids
-  without a judge). The same figures for held-out real text are reported as the reference.
+- lm: Gen PPL under a judge LM (`evaluate.judge`: `trained`, the small model of the `judge` stage, elf/judge.py;
+  or a hub name or path, gpt2-large in the paper), the oracle perplexity under the demo grammar when
+  `data/raw/<ds>/grammar.json` exists (each sample scored as a stream of documents when `tokenize.packing` is
+  `paragraphs`), and unigram entropy (of the judge's token ids, or of our tokenizer's without a judge).
 - seq2seq: BLEU (lowercased, effective order — the paper's setting — and standard cased) and ROUGE-1/2/L.
-Each figure is computed per evaluation seed and reported as mean ± standard error over seeds.
+- every task: the coverage and diversity figures of elf/selection.py (non-empty share, entropy, distinct-2).
+Each figure is computed per evaluation seed and reported as mean ± standard error over seeds, and the same
+figures are computed for reference text of the same count and length (lm: validation rows; seq2seq: the
+references).
 
-The primary metric of a dataset (its first sampler's oracle/Gen PPL, BLEU or ROUGE-L) decides whether the
-model becomes the registry's `champion` (elf/tracking.py).
+The primary metric of a dataset (its first sampler's Gen PPL / oracle PPL, BLEU or ROUGE-L) decides whether the
+model becomes the registry's `champion` (elf/tracking.py), but only when the sampler's samples pass the checks
+of elf/selection.py against the reference; an lm with neither judge nor grammar has no metric to rank by.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -23,13 +28,13 @@ from typing import Any
 from elf import metrics
 from elf.config import DatasetConfig, EvaluateConfig
 from elf.data.demo import Grammar
+from elf.data.embed import read_token_rows
 from elf.errors import ElfError
 from elf.files import atomic_file, write_csv_atomic, write_json_atomic
 from elf.hashing import file_sha256
 from elf.judge import TRAINED, judge_record
 from elf.sample import ids_to_texts
 from elf.selection import eligibility
-from elf.validation import read_token_rows
 
 GRAMMAR_FILE = "grammar.json"
 
@@ -81,11 +86,12 @@ class Scorer:
                 if judge_dir is None:
                     raise ElfError("evaluate.judge is 'trained' but no judge directory was given")
                 record = judge_record(judge_dir)
-                self.judge_info = {"judge": TRAINED, "validation_ppl": record["validation_ppl"],
-                                   "parameters": record["parameters"], "train_rows": record["train_rows"]}
+                self.judge_info = {"judge": TRAINED, "id": f"{TRAINED}-{record['weights_sha256'][:12]}",
+                                   "validation_ppl": record["validation_ppl"], "parameters": record["parameters"],
+                                   "train_rows": record["train_rows"]}
                 where = str(judge_dir)
             else:
-                self.judge_info = {"judge": settings.judge}
+                self.judge_info = {"judge": settings.judge, "id": settings.judge}
             self.judge = metrics.load_judge(where, device, settings.judge_dtype)
 
     def score(self, texts: list[str], references: list[str] | None = None) -> dict[str, float | None]:
@@ -103,20 +109,16 @@ class Scorer:
             judged = metrics.gen_ppl(texts, model, judge_tokenizer, batch_size=self.settings.judge_batch_size,
                                      max_length=getattr(model.config, "n_positions", 1024), device=self.device)
             out["gen_ppl"] = judged["ppl"]
+            return {**out, **self.diversity(texts, entropy=judged["entropy"])}
         return {**out, **self.diversity(texts)}
 
-    def diversity(self, texts: list[str]) -> dict[str, float | None]:
+    def diversity(self, texts: list[str], entropy: float | None = None) -> dict[str, float | None]:
         """Coverage and diversity (elf/selection.py): non-empty share, mean unigram entropy (§9: of the judge's
-        token ids when there is a judge, else of ours) and pooled distinct-2 (of our ids)."""
+        token ids, which `gen_ppl` reports as `entropy`; without a judge, of ours) and pooled distinct-2 (of
+        our ids)."""
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts if t.strip()]
-        if self.judge is not None:
-            judge_tokenizer = self.judge[1]
-            entropy = metrics.mean_entropy([judge_tokenizer(t, add_special_tokens=False)["input_ids"]
-                                            for t in texts if t.strip()])
-        else:
-            entropy = metrics.mean_entropy(ids)
-        return {"entropy": entropy, "distinct_2": metrics.distinct_n(ids, 2),
-                "nonempty_fraction": len(ids) / max(len(texts), 1)}
+        return {"entropy": metrics.mean_entropy(ids) if entropy is None else entropy,
+                "distinct_2": metrics.distinct_n(ids, 2), "nonempty_fraction": len(ids) / max(len(texts), 1)}
 
 
 def _aggregate(per_seed: list[dict[str, float | None]]) -> dict[str, Any]:
@@ -165,6 +167,17 @@ def reference_texts(tokens_dir: Path, tokenizer, limit: int) -> list[str]:
     return ids_to_texts([row[0] for row in rows], tokenizer)
 
 
+def shuffled_words(texts: list[str], seed: int = 0) -> list[str]:
+    """Each text with its whitespace-separated words in a random order (seeded per text): the same words,
+    no language; the quality floor of elf/selection.py."""
+    out = []
+    for i, text in enumerate(texts):
+        words = text.split()
+        random.Random(seed * 1_000_003 + i).shuffle(words)
+        out.append(" ".join(words))
+    return out
+
+
 def evaluate_dataset(name: str, dataset: DatasetConfig, settings: EvaluateConfig, samples_path: Path, raw_dir: Path,
                      tokenizer, metrics_dir: Path, packing: str, tokens_dir: Path, judge_dir: Path | None = None,
                      device: str = "cpu") -> dict[str, Any]:
@@ -198,6 +211,8 @@ def evaluate_dataset(name: str, dataset: DatasetConfig, settings: EvaluateConfig
     if dataset.task == "lm":
         held_out = reference_texts(tokens_dir / "validation", tokenizer, len(first_seed))
         report["reference"] = {"texts": len(held_out), **scorer.score(held_out)}
+        if scorer.judge is not None:  # the quality floor of elf/selection.py
+            report["reference"]["gen_ppl_shuffled"] = scorer.score(shuffled_words(held_out))["gen_ppl"]
     else:
         references = [r["reference"] for r in first_seed]
         report["reference"] = {"texts": len(references), **scorer.diversity(references)}

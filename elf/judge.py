@@ -23,14 +23,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from elf.config import TrainedJudgeSettings
-from elf.data.tokenizer import load_tokenizer
+from elf.data.embed import read_token_rows
+from elf.data.shards import read_manifest
+from elf.data.tokenizer import load_tokenizer, tokenizer_hash
+from elf.data.tokens import FORMAT as TOKENS_FORMAT
 from elf.errors import ElfError
 from elf.files import atomic_output_dir, read_json, write_json_atomic
-from elf.metrics import scored_positions
-from elf.validation import read_token_rows
+from elf.hashing import file_sha256
+from elf.metrics import judge_nll
 
 TRAINED = "trained"
 """The `evaluate.judge` value that selects this judge."""
@@ -59,9 +61,7 @@ def _rows(tokens_dir: Path, limit: int, eos_id: int, length: int) -> torch.Tenso
 
 def _nll(model, ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ NLL, #scored tokens) of rows under the §9 counting rule (`elf.metrics.scored_positions`)."""
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()  # causal: padding is last
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    mask = scored_positions(ids, eos_id)
+    nll, mask = judge_nll(model, ids, torch.ones_like(ids), eos_id)  # causal: the EOS padding comes last
     return (nll * mask).sum(), mask.sum()
 
 
@@ -89,6 +89,9 @@ def train_judge(name: str, task: str, max_length: int, tokens_dir: Path, tokeniz
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = load_tokenizer(tokenizer_dir)
+    if read_manifest(tokens_dir / "train", TOKENS_FORMAT)["tokenizer_hash"] != tokenizer_hash(tokenizer_dir):
+        raise ElfError(f"{tokens_dir / 'train'}: tokenized with another tokenizer than {tokenizer_dir} "
+                       "(rerun the tokenize stage)")
     eos_id = tokenizer.eos_token_id
     train_rows = _rows(tokens_dir / "train", settings.max_rows, eos_id, max_length)
     if not len(train_rows):
@@ -129,5 +132,7 @@ def train_judge(name: str, task: str, max_length: int, tokens_dir: Path, tokeniz
     with atomic_output_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # Gen PPL compares only under the same judge: the weights' hash names this one (the registry keys by it).
+        record["weights_sha256"] = file_sha256(tmp / "model.safetensors")
         write_json_atomic(tmp / JUDGE_JSON, record)
     return record

@@ -141,6 +141,15 @@ def scored_positions(ids: Tensor, eos_id: int) -> Tensor:
     return (~is_eos | first_eos)[:, 1:]
 
 
+def judge_nll(model, ids: Tensor, attention: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
+    """Teacher-forced NLL of a causal LM on [B, N] ids ([B, N − 1] float32, position i + 1 predicted from
+    ≤ i) and the §9 scored positions ([B, N − 1] bool, `scored_positions`): the one scoring path of Gen PPL
+    and of the trained judge's training (elf/judge.py)."""
+    logits = model(input_ids=ids, attention_mask=attention).logits.float()
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    return nll, scored_positions(ids, eos_id)
+
+
 def gen_ppl(
     texts: Sequence[str],
     judge_model,
@@ -194,9 +203,7 @@ def gen_ppl(
                 ids[j, : len(row)] = torch.tensor(row)
                 attention[j, : len(row)] = 1
             ids, attention = ids.to(device), attention.to(device)
-            logits = judge_model(input_ids=ids, attention_mask=attention).logits.float()
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-            mask = scored_positions(ids, eos_id)
+            nll, mask = judge_nll(judge_model, ids, attention, eos_id)
             nll_sum += float(nll[mask].double().sum())
             counted += int(mask.sum())
 

@@ -14,6 +14,10 @@ tuned on a test set:
 A check passes when the model's figure is at least `ratio` × the reference's (`evaluate.selection_ratio`,
 default 0.5: half of what real text shows). Entropy is only a floor: more entropy than real text is no merit
 (random tokens have plenty), and the primary metric judges it.
+
+With a judge there is also a floor on quality: the samples' Gen PPL must be below that of the reference text
+with the words of each text shuffled (`gen_ppl_shuffled`): text no better than real words in random order has
+learned the vocabulary, not the language, and is never crowned however diverse it is.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ CHECKS = {  # figure: what it guards against
     "entropy": "repetition within samples",
     "distinct_2": "the same samples over and over",
 }
+
+CEILINGS = [  # (figure, the reference figure it must stay below, what that reference is)
+    ("gen_ppl", "gen_ppl_shuffled", "the reference text with its words shuffled"),
+]
 
 
 def eligibility(scores: dict[str, Any], reference: dict[str, Any], ratio: float) -> dict[str, Any]:
@@ -47,5 +55,15 @@ def eligibility(scores: dict[str, Any], reference: dict[str, Any], ratio: float)
         if not passed:
             shown = "none" if value is None else f"{value:.3g}"
             failed.append(f"{figure} {shown} < {ratio:g} × reference {wanted:.3g} ({guards})")
-    reason = "coverage and diversity hold" if not failed else "not ranked: " + "; ".join(failed)
+    for figure, bound, guards in CEILINGS:
+        limit = reference.get(bound)
+        if limit is None or figure not in scores:
+            continue
+        value = scores.get(figure)
+        passed = value is not None and value < limit
+        checks[figure] = {"value": value, "reference": limit, "threshold": limit, "passed": passed}
+        if not passed:
+            shown = "none" if value is None else f"{value:.3g}"
+            failed.append(f"{figure} {shown} ≥ {limit:.3g} of {guards}")
+    reason = "coverage, diversity and quality floor hold" if not failed else "not ranked: " + "; ".join(failed)
     return {"eligible": not failed, "reason": reason, "ratio": ratio, "checks": checks}

@@ -240,13 +240,11 @@ def local_store_lock(uri: str, timeout: float = 600.0) -> contextlib.AbstractCon
 
 @contextlib.contextmanager
 def mlflow_run(experiment: str, run_name: str, params: Mapping[str, Any] | None = None,
-               tags: Mapping[str, str] | None = None, run_id: str | None = None,
-               system_metrics: bool = False) -> Iterator[Any]:
+               tags: Mapping[str, str] | None = None, run_id: str | None = None) -> Iterator[Any]:
     """Start (or, with `run_id`, reopen) a run; a store that cannot be opened is a one-line error (`store_error`).
 
     A `run_id` the store does not have (a checkpoint resumed against another store: a fresh clone, a
     `dvc exp run --temp` workspace) starts a new run instead, with a warning; `params` are logged on new runs.
-    `system_metrics` samples CPU / memory / GPU use in the background (MLflow's monitor, needs psutil).
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -273,8 +271,7 @@ def mlflow_run(experiment: str, run_name: str, params: Mapping[str, Any] | None 
                     mlflow.MlflowClient(uri).set_experiment_tag(found.experiment_id, EXPERIMENT_KIND,
                                                                 "custom_model_development")
         with _without_db_tracebacks():  # the first write: a store MLflow could not repair fails here
-            active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
-                                      log_system_metrics=system_metrics)
+            active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
     except Exception as error:  # MLflow raises several types for an unreachable or broken store
         raise store_error(uri, error) from None
     with active as run:

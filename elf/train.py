@@ -88,11 +88,13 @@ def run_record(dataset: DatasetConfig, settings: TrainSettings, seed: int, paths
                device: torch.device) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed: everything but the settings that may change midway.
     On CPUs that includes the thread count: kernels split work by it, so it changes the last bits of a run."""
-    return {"dataset": dataset.model_dump(mode="json"), "seed": seed,
-            "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+    record = {"dataset": dataset.model_dump(mode="json"), "seed": seed,
             "train": settings.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES)),
             "tokens": file_sha256(paths.tokens / "manifest.json"),
             "encoder": read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"]}
+    if device.type == "cpu":
+        record["cpu_threads"] = torch.get_num_threads()
+    return record
 
 
 def fingerprint(record: dict[str, Any]) -> str:
@@ -109,8 +111,8 @@ def changed_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> list[st
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changed += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b:
+            changed += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) or (k in a) != (k in b)]
+        elif a != b or (key in old) != (key in new):
             changed.append(key)
     return changed
 
@@ -162,20 +164,27 @@ class Trainer:
         torch.manual_seed(seed + 1 + d.rank)  # per-rank stream for anything else random
 
     def _validator(self, tokens: Path) -> Validator:
-        if not (tokens / "manifest.json").is_file():
-            raise ElfError(f"{tokens}: no validation split for the validation loss; give datasets.{self.name} a "
+        if not (tokens / "manifest.json").is_file() or not read_manifest(tokens, TOKENS_FORMAT)["rows"]:
+            raise ElfError(f"{tokens}: no validation rows for the validation loss; give datasets.{self.name} a "
                            f"validation split, or set train.datasets.{self.name}.validation.every: 0")
         settings = self.settings.validation
         return Validator(tokens, self.dataset.task, self.dataset.max_length, self.encoder, self.objective,
                          settings.rows, settings.t_values, self.d, self.micro)
 
-    def validate(self) -> dict[str, float]:
-        """The validation figures of the EMA weights now (elf/validation.py), kept in the history."""
+    def _validation_settings(self) -> dict[str, Any]:
+        return self.settings.validation.model_dump(mode="json", exclude={"every"})
+
+    def ema_copy(self) -> ELF:
+        """The network with the EMA weights of now, in eval mode (one copy, refreshed on every call)."""
         if self._ema_copy is None:
             self._ema_copy = self.ema.ema_model(self.model)
         else:
             self.ema.copy_to(self._ema_copy)
-        figures = {"step": self.step, **self.validator(self._ema_copy)}
+        return self._ema_copy
+
+    def validate(self) -> dict[str, float]:
+        """The validation figures of the EMA weights now (elf/validation.py), kept in the history."""
+        figures = {"step": self.step, **self.validator(self.ema_copy())}
         self.validation_history.append(figures)
         return figures
 
@@ -228,7 +237,8 @@ class Trainer:
             ckpt.write_json(tmp / "trainer.json", {
                 "step": self.step, "world_size": self.d.world, "scheduler": self.scheduler.state_dict(),
                 "ema": {"decay": ema["decay"], "num_updates": ema["num_updates"]}, "history": self.history,
-                "validation_history": self.validation_history, "mlflow_parent_run_id": self.mlflow_parent_run_id,
+                "validation_history": self.validation_history, "validation_settings": self._validation_settings(),
+                "mlflow_parent_run_id": self.mlflow_parent_run_id, "mlflow_run_id": self.mlflow_run_id,
                 "fingerprint": self.fingerprint, "run_record": self.run_record,
             })
 
@@ -279,8 +289,15 @@ class Trainer:
         self.step = state["step"]
         self.history = state["history"]
         self.validation_history = state.get("validation_history", [])
-        # Older checkpoints kept one run for the whole training under "mlflow_run_id": it becomes the parent.
-        self.mlflow_parent_run_id = state.get("mlflow_parent_run_id", state.get("mlflow_run_id"))
+        if self.validation_history and state.get("validation_settings") != self._validation_settings():
+            if self.d.main:  # one curve, one definition: the earlier curve stays in MLflow and the checkpoint
+                print(f"train {self.name}: validation settings changed; the validation curve starts anew",
+                      file=sys.stderr)
+            self.validation_history = []
+        if "mlflow_parent_run_id" in state:
+            self.mlflow_parent_run_id, self.mlflow_run_id = state["mlflow_parent_run_id"], state.get("mlflow_run_id")
+        else:  # older checkpoints kept one run for the whole training: it becomes the parent
+            self.mlflow_parent_run_id = state.get("mlflow_run_id")
         return True
 
 
@@ -333,6 +350,11 @@ def _mlflow_context(trainer: Trainer, params: dict[str, Any]):
             "encoder_content_hash": read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"]}
     if paths.embeddings is not None:
         tags["embeddings_manifest_sha256"] = file_sha256(paths.embeddings / "manifest.json")
+    if trainer.step >= trainer.settings.steps and trainer.mlflow_run_id is not None:
+        # Nothing left to train (e.g. `dvc repro` after a change of log_every): no new segment, its run again.
+        with mlflow_run(f"elf-{trainer.name}", f"train-{trainer.name}", tags=tags, run_id=trainer.mlflow_run_id) as run:
+            yield run
+        return
     with mlflow_run(f"elf-{trainer.name}", f"train-{trainer.name}", tags=tags,
                     run_id=trainer.mlflow_parent_run_id) as parent:
         trainer.mlflow_parent_run_id = parent.info.run_id
@@ -345,7 +367,8 @@ def _mlflow_context(trainer: Trainer, params: dict[str, Any]):
             try:
                 yield segment
             finally:
-                mlflow.set_tag("segment_end_step", str(trainer.step))
+                with contextlib.suppress(Exception):  # never hide the error that ended the segment
+                    mlflow.set_tag("segment_end_step", str(trainer.step))
 
 
 def train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: TrainPaths,
@@ -456,7 +479,7 @@ def _finish(trainer: Trainer, run) -> dict[str, Any]:
     d, paths = trainer.d, trainer.paths
     if not d.main:
         return {}
-    ema_model = trainer.ema.ema_model(trainer.model)
+    ema_model = trainer.ema_copy()
     metadata = {"dataset": trainer.name, "task": trainer.dataset.task, "max_length": trainer.dataset.max_length,
                 "max_input_length": trainer.dataset.max_input_length, "step": trainer.step,
                 "tokenizer_hash": trainer.tokens_manifest["tokenizer_hash"],
@@ -485,8 +508,10 @@ def _finish(trainer: Trainer, run) -> dict[str, Any]:
         import mlflow
 
         from elf.mlflow_model import log_pyfunc_model
+        from elf.tracking import latest_logged_model
 
-        log_pyfunc_model(paths.model, trainer.dataset.task)  # the registry's versions are this logged model
+        if latest_logged_model(mlflow.MlflowClient(), run.info.run_id) is None:  # one logged model per segment
+            log_pyfunc_model(paths.model, trainer.dataset.task)  # the registry's versions are this logged model
         mlflow.log_artifact(str(paths.metrics / "train_loss.png"))
     write_text_atomic(paths.out / "mlflow_run_id", f"{trainer.mlflow_run_id}\n")
     print(json.dumps({"dataset": trainer.name, **summary, "mlflow_run_id": trainer.mlflow_run_id,

@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from elf.data.embed import TOKEN_COLUMNS, token_rows
+from elf.data.embed import read_token_rows
 from elf.data.layout import loss_mask, stack_lm, stack_seq2seq
-from elf.data.shards import iter_parquet_batches, read_manifest
-from elf.data.tokens import FORMAT as TOKENS_FORMAT
 from elf.distributed import Dist, all_reduce
 from elf.encoders import FrozenEncoder
+from elf.errors import ElfError
 from elf.flow import ObjectiveConfig, decode_corruption, draw_noise_per_row, noise_path, velocity_target, x_to_v
 from elf.runtime import autocast
 
@@ -35,84 +34,72 @@ VALIDATION_SEED = 1_234_567
 """The noise of validation row i is keyed by (this seed, i) alone: the same in every run and resume."""
 
 
-def read_token_rows(tokens_dir: Path, task: str, limit: int) -> list[tuple]:
-    """The first `limit` token rows of a split, in file order (lm: (ids,); seq2seq: (source, target))."""
-    manifest = read_manifest(tokens_dir, TOKENS_FORMAT)
-    columns = list(TOKEN_COLUMNS[task])
-    rows: list[tuple] = []
-    for shard in manifest["shards"]:
-        for batch in iter_parquet_batches(tokens_dir / shard["file"], columns, 4096):
-            rows += zip(*(token_rows(batch.column(c)) for c in columns), strict=True)
-            if len(rows) >= limit:
-                return rows[:limit]
-    return rows
-
-
 class Validator:
     """Scores a network on fixed held-out rows (see the module docstring); build once, call at every check.
 
     `tokens_dir`: data/tokens/<ds>/validation; `length`: the dataset's max_length; rows are split over the
-    processes of `d` (rank r takes rows r, r + world, ...) and the sums reduced on `d.device`; `micro_batch`
-    bounds the rows of one forward pass.
+    processes of `d` (rank r takes rows r, r + world, ...) and the sums reduced on `d.device`. The clean
+    embeddings are encoded once, `micro_batch` rows at a time, and kept in host memory; each check moves one
+    micro-batch at a time to the device and redraws its noise from the rows' keys (counter-based: the same values
+    every time), so the device holds no more than a training micro-batch does.
     """
 
     def __init__(self, tokens_dir: Path, task: str, length: int, encoder: FrozenEncoder, objective: ObjectiveConfig,
                  rows: int, t_values: list[float], d: Dist, micro_batch: int):
         self.objective, self.t_values, self.d, self.micro = objective, list(t_values), d, micro_batch
-        token_rows_ = read_token_rows(tokens_dir, task, rows)
-        self.rows = len(token_rows_)
-        mine = token_rows_[d.rank::d.world]
+        self.length = length
+        held_out = read_token_rows(tokens_dir, task, rows)
+        if not held_out:
+            raise ElfError(f"{tokens_dir}: the validation split has no rows")
+        self.rows = len(held_out)
+        self.row_index = list(range(d.rank, self.rows, d.world))
+        mine = [held_out[i] for i in self.row_index]
         if task == "lm":
             input_ids, valid_mask = stack_lm([r[0] for r in mine], length)
             source_mask = torch.zeros_like(valid_mask)
         else:
             input_ids, source_mask, valid_mask = stack_seq2seq([r[0] for r in mine], [r[1] for r in mine], length)
+        chunks = []
         with torch.no_grad():
-            if task == "lm":
-                x = encoder.encode_lm(input_ids, valid_mask).masked_fill(~valid_mask[..., None].to(
-                    encoder.norm_scale.device), 0.0)
-            else:
-                x = encoder.encode_conditional(input_ids, source_mask, valid_mask,
-                                               torch.zeros(len(mine), dtype=torch.bool))
-        seeds = [VALIDATION_SEED * 1_048_576 + i for i in range(d.rank, self.rows, d.world)]
-        draws = draw_noise_per_row(seeds, length, x.shape[-1], objective, d.device) if mine else None
-        device = d.device
-        self.batch = {"x": x.float().to(device), "input_ids": input_ids.to(device),
-                      "source_mask": source_mask.to(device),
-                      "loss_mask": (loss_mask(task, source_mask, valid_mask) & ~source_mask).to(device),
-                      "eps": draws["eps"] if draws else None, "keep": draws["keep"] if draws else None}
+            for start in range(0, len(mine), micro_batch):
+                ids, valid, source = (t[start:start + micro_batch] for t in (input_ids, valid_mask, source_mask))
+                if task == "lm":
+                    x = encoder.encode_lm(ids, valid).cpu().masked_fill(~valid[..., None], 0.0)
+                else:
+                    x = encoder.encode_conditional(ids, source, valid, torch.zeros(len(ids), dtype=torch.bool)).cpu()
+                chunks.append(x.float())
+        self.dim = encoder.dim
+        self.batch = {"x": torch.cat(chunks) if chunks else torch.zeros(0, length, encoder.dim),
+                      "input_ids": input_ids, "source_mask": source_mask,
+                      "loss_mask": loss_mask(task, source_mask, valid_mask) & ~source_mask}
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        """{"loss", "loss_se", "mse", "mse_se", "mse_t<t>", "ce", "ce_se", "decode_acc", "rows"} of `model`
+        """{"loss", "loss_se", "mse", "mse_se", "ce", "ce_se", "decode_acc", "mse_t<t>", "rows"} of `model`
         (the bare network, in eval mode) on the validation rows; the same on every process."""
-        per_row = self._per_row(model).double()  # [rows here, 4 + len(t)]: loss, mse, ce, acc, mse at each t
-        count = torch.tensor([float(len(per_row))], dtype=torch.float64, device=per_row.device)
+        device = self.d.device
+        parts = [self._score(model, start) for start in range(0, len(self.row_index), self.micro)]
+        per_row = (torch.cat(parts) if parts else torch.zeros(0, 4 + len(self.t_values), device=device)).double()
+        count = torch.tensor([float(len(per_row))], dtype=torch.float64, device=device)
         sums = all_reduce(torch.cat([per_row.sum(0), per_row.pow(2).sum(0), count]), self.d)
         k = per_row.shape[1]
         total, squares, n = sums[:k], sums[k:2 * k], float(sums[-1])
-        mean = total / max(n, 1.0)
-        var = (squares / max(n, 1.0) - mean.pow(2)).clamp(min=0.0) * n / max(n - 1.0, 1.0)
-        se = (var / max(n, 1.0)).sqrt()
+        mean = total / n
+        var = (squares / n - mean.pow(2)).clamp(min=0.0) * n / max(n - 1.0, 1.0)
+        se = (var / n).sqrt()
         names = ["loss", "mse", "ce", "decode_acc", *(f"mse_t{t:g}" for t in self.t_values)]
         out = {name: float(mean[i]) for i, name in enumerate(names)}
         out.update({f"{name}_se": float(se[i]) for i, name in enumerate(names[:3])})
         out["rows"] = int(n)
         return out
 
-    def _per_row(self, model: torch.nn.Module) -> torch.Tensor:
-        b = self.batch
+    def _score(self, model, start: int) -> torch.Tensor:
+        """[rows, 4 + len(t)] per row of one micro-batch: loss, mean mse, ce, decode accuracy, mse at each t."""
         cfg, device = self.objective, self.d.device
-        columns = []
-        for start in range(0, len(b["x"]), self.micro):
-            part = {k: v[start:start + self.micro] for k, v in b.items()}
-            columns.append(self._score(model, part, cfg, device))
-        if not columns:
-            return torch.zeros(0, 4 + len(self.t_values), device=device)
-        return torch.cat(columns)
-
-    def _score(self, model, part: dict[str, torch.Tensor], cfg: ObjectiveConfig, device) -> torch.Tensor:
-        x, eps, mask, source = part["x"], part["eps"], part["loss_mask"], part["source_mask"][..., None]
+        part = {k: v[start:start + self.micro].to(device) for k, v in self.batch.items()}
+        seeds = [VALIDATION_SEED * 1_048_576 + i for i in self.row_index[start:start + self.micro]]
+        draws = draw_noise_per_row(seeds, self.length, self.dim, cfg, device)
+        x, eps, mask, source = part["x"], draws["eps"], part["loss_mask"], part["source_mask"][..., None]
         n = len(x)
         tokens = mask.sum(1).clamp(min=1)
         self_cond = torch.where(source, x, torch.zeros_like(x))
@@ -127,7 +114,7 @@ class Validator:
             error = (v_hat - velocity_target(x, eps, cfg.noise_scale)).pow(2).mean(-1)
             mse.append((error * mask).sum(1) / tokens)
         mse = torch.stack(mse, 1)  # [n, len(t)]
-        z_dec = torch.where(source, x, decode_corruption(x, eps, part["keep"], cfg.decode_noise_scale))
+        z_dec = torch.where(source, x, decode_corruption(x, eps, draws["keep"], cfg.decode_noise_scale))
         with autocast(device):
             _, logits = model(z_dec, torch.zeros_like(x), ones, ones, ~no_decode, return_logits=True)
         logits = logits.float()
@@ -137,4 +124,3 @@ class Validator:
         mean_mse = mse.mean(1)
         loss = (1.0 - cfg.decode_prob) * mean_mse + cfg.decode_prob * ce
         return torch.cat([torch.stack([loss, mean_mse, ce, acc], 1), mse], 1)
-

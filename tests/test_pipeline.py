@@ -83,6 +83,8 @@ def test_dvc_repro_runs_every_stage_and_second_run_does_nothing(project):
     assert set(reports["owt"]["samplers"]) == {"sde-4", "ode-2"}
     assert reports["owt"]["reference"]["oracle_ppl"] > 1
     assert reports["owt"]["primary"]["metric"] == "gen_ppl"  # under the judge trained on the owt rows
+    reference = reports["owt"]["reference"]
+    assert reference["gen_ppl"] > 1 and reference["gen_ppl_shuffled"] > 1 and reports["owt"]["judge"]["validation_ppl"]
     assert {"bleu", "bleu_cased", "rougeL"} <= set(reports["wmt14"]["samplers"]["ode-4"])
     assert reports["xsum"]["primary"]["metric"] == "rougeL"
 
@@ -108,6 +110,9 @@ def test_dvc_repro_runs_every_stage_and_second_run_does_nothing(project):
         assert "loss" in metrics and any(key.startswith("eval/") for key in metrics)
         model = client.get_registered_model(f"elf-{name}")
         assert set(model.aliases) >= {"candidate"}
+    # Gen PPL is compared under the same judge only: the version's figure names its judge.
+    tags = client.get_model_version("elf-owt", "1").tags
+    assert any(key.startswith("gen_ppl/trained-") for key in tags), tags
     lock = (project / "dvc.lock").read_text()
 
     second = run(str(BIN / "dvc"), "repro", cwd=project)

@@ -82,3 +82,20 @@ def test_an_lm_without_judge_or_grammar_has_no_metric_to_rank_by():
     assert primary_metric("lm", None, has_grammar=False, has_judge=False) == (None, False)
     assert primary_metric("lm", None, has_grammar=True, has_judge=True) == ("gen_ppl", False)
     assert primary_metric("seq2seq", None, has_grammar=False, has_judge=False) == ("bleu", True)
+
+
+def test_samples_no_better_than_shuffled_reference_words_are_not_ranked():
+    reference = {"entropy": 2.0, "distinct_2": 0.4, "gen_ppl": 20.0, "gen_ppl_shuffled": 90.0}
+    diverse_gibberish = {"entropy": 2.5, "distinct_2": 0.5, "gen_ppl": 300.0}
+    verdict = eligibility(diverse_gibberish, reference, 0.5)
+    assert not verdict["eligible"] and "shuffled" in verdict["reason"]
+    assert eligibility({**diverse_gibberish, "gen_ppl": 35.0}, reference, 0.5)["eligible"]
+
+
+def test_shuffled_words_keep_the_words_and_lose_the_order():
+    from elf.evaluate import shuffled_words
+
+    texts = ["the cat sees the small dog .", "a b c d e f g h"]
+    shuffled = shuffled_words(texts)
+    assert [sorted(t.split()) for t in shuffled] == [sorted(t.split()) for t in texts]
+    assert shuffled != texts and shuffled == shuffled_words(texts)  # reproducible

@@ -286,3 +286,14 @@ def test_each_training_segment_has_its_own_run_and_frozen_registered_model(data,
         source = client.get_model_version("elf-owt", version).source  # models:/<its logged model's id>
         logged = client.get_logged_model(source.removeprefix("models:/"))
         assert logged.tags["step"] == str(total) and logged.tags["weights_sha256"] == config["weights_sha256"]
+
+    # A finished training run again (e.g. `dvc repro` after a log_every change) opens no new segment or model.
+    train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 6, "log_every": 2}), 42, p)
+    assert (p.out / "mlflow_run_id").read_text().strip() == runs[-1]
+    assert len(client.search_logged_models([second.info.experiment_id],
+                                           filter_string=f"source_run_id = '{runs[-1]}'")) == 1
+    # Other validation settings start the validation curve anew (one curve, one definition).
+    train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 8, "validation": {"every": 2, "rows": 5}}),
+          42, p)
+    curve = (p.metrics / "validation_history.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in curve[1:]] == ["8"]

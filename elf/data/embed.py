@@ -69,6 +69,22 @@ def token_rows(column: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
     return [values[offsets[i]:offsets[i + 1]] for i in range(len(column))]
 
 
+def read_token_rows(tokens_dir: Path, task: str, limit: int) -> list[tuple[np.ndarray, ...]]:
+    """The first `limit` token rows of a split, in file order (lm: (ids,); seq2seq: (source, target)); for the
+    held-out figures that must use the same rows every time (validation loss, reference text, the judge)."""
+    from elf.data.shards import iter_parquet_batches, read_manifest
+
+    manifest = read_manifest(tokens_dir, TOKENS_FORMAT)
+    columns = list(TOKEN_COLUMNS[task])
+    rows: list[tuple[np.ndarray, ...]] = []
+    for shard in manifest["shards"]:
+        for batch in iter_parquet_batches(tokens_dir / shard["file"], columns, 4096):
+            rows += zip(*(token_rows(batch.column(c)) for c in columns), strict=True)
+            if len(rows) >= limit:
+                return rows[:limit]
+    return rows
+
+
 def row_vectors(column: pa.Array | pa.ChunkedArray, dim: int) -> list[np.ndarray]:
     """A binary vector column as one read-only [n, d] float16 view per row, zero-copy from the Arrow buffers."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
