@@ -87,7 +87,7 @@ def main() -> None:
         "data": sizes, "seconds": seconds,
         "validation_loss": {"first": first, "last": last},
         "judge": evaluation.get("judge"),
-        "reference": {k: evaluation["reference"].get(k) for k in ("texts", *keys)},
+        "reference": {k: evaluation["reference"].get(k) for k in ("texts", *keys, "gen_ppl_shuffled")},
         "samplers": {name: {k: s.get(k) for k in ("nfe", *keys)} for name, s in evaluation["samplers"].items()},
         "selection": evaluation["selection"]["reason"],
         "example_samples": [json.loads(line)["text"] for line in

@@ -289,7 +289,8 @@ class Trainer:
         self.step = state["step"]
         self.history = state["history"]
         self.validation_history = state.get("validation_history", [])
-        if self.validation_history and state.get("validation_settings") != self._validation_settings():
+        recorded = state.get("validation_settings", self._validation_settings())  # older checkpoints: as now
+        if self.validation_history and recorded != self._validation_settings():
             if self.d.main:  # one curve, one definition: the earlier curve stays in MLflow and the checkpoint
                 print(f"train {self.name}: validation settings changed; the validation curve starts anew",
                       file=sys.stderr)

@@ -297,3 +297,23 @@ def test_each_training_segment_has_its_own_run_and_frozen_registered_model(data,
           42, p)
     curve = (p.metrics / "validation_history.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in curve[1:]] == ["8"]
+
+
+def test_a_checkpoint_of_an_older_version_keeps_its_validation_curve(data, tmp_path):
+    """Checkpoints written before the validation settings were recorded resume with their curve."""
+    from elf.checkpoint import INDEX
+    from elf.hashing import file_sha256
+
+    p = paths(data, tmp_path)
+    settings = TrainSettings(**{**SETTINGS, "steps": 4})
+    train("owt", DATASETS["owt"], settings, 42, p)
+    curve = (p.metrics / "validation_history.csv").read_text()
+    last = sorted((p.out / "checkpoints").iterdir())[-1]
+    state = json.loads((last / "trainer.json").read_text())
+    del state["validation_settings"]
+    (last / "trainer.json").write_text(json.dumps(state))
+    index = json.loads((last / INDEX).read_text())
+    index["files"]["trainer.json"] = file_sha256(last / "trainer.json")
+    (last / INDEX).write_text(json.dumps(index))
+    train("owt", DATASETS["owt"], settings, 42, p)
+    assert (p.metrics / "validation_history.csv").read_text() == curve and len(curve.splitlines()) == 3
