@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -46,15 +47,20 @@ def run(*cmd: str, cwd) -> str:
     return result.stdout
 
 
-@pytest.fixture
-def project(tmp_path):
-    """A copy of the repository's pipeline definition and code in a fresh git + DVC repository."""
-    repo = tmp_path / "repo"
+def copy_project(repo: Path) -> None:
+    """The repository's pipeline definition, code and input folders, copied into a new directory `repo`."""
     repo.mkdir()
     for name in PROJECT_FILES:
         shutil.copy(REPO / name, repo / name)
     shutil.copytree(REPO / "elf", repo / "elf", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "data/input", repo / "data/input")
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A copy of the repository's pipeline definition and code in a fresh git + DVC repository."""
+    repo = tmp_path / "repo"
+    copy_project(repo)
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     run("git", "init", "-q", cwd=repo)
     run(str(BIN / "dvc"), "init", "-q", cwd=repo)

@@ -4,7 +4,6 @@ DVC must see it, and each stage must compute with exactly the configured count."
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,8 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import BIN, REPO, tiny_owt_params
+from tests.test_pipeline import copy_project
 
-PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml"]
 # The stages that compute with torch floats (the judge of `evaluate` too) must list `threads`; a new such stage
 # lists it too. prepare, tokenizer and tokenize compute no floats: a thread count must not rerun them.
 THREADED = {"encoder", "embed", "train", "sample", "evaluate"}
@@ -43,11 +42,7 @@ def test_changing_threads_marks_every_computing_stage_stale(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert isinstance(params["threads"], int), "the demo fixes its thread count (results depend on it)"
     repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in PROJECT_FILES:
-        shutil.copy(REPO / name, repo / name)
-    shutil.copytree(REPO / "elf", repo / "elf", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "data/input", repo / "data/input")
+    copy_project(repo)
     # Stand-ins for every stage's outputs, committed as they are: a lock file without running the pipeline.
     datasets = list(params["datasets"])
     for path in _stage_outputs(yaml.safe_load((repo / "dvc.yaml").read_text()), datasets):
@@ -96,13 +91,14 @@ print("threads during the training steps:", json.dumps(sorted(seen)))
 
 
 def test_training_steps_run_on_the_configured_thread_count(tmp_path):
-    """`elf train` computes every step with `threads` threads, whatever OMP_NUM_THREADS says (1 in the tests)."""
+    """`elf train` computes every step with `threads` threads, whatever OMP_NUM_THREADS says (1 in the tests);
+    the thread count is part of a CPU run's fingerprint, so the second training does not resume the first's
+    finished checkpoints (it would run no step) but sets them aside and trains anew."""
     params = tiny_owt_params()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
     stages = [["prepare", "owt"], ["tokenizer"], ["tokenize", "owt"], ["encoder"], ["embed", "owt"], ["train", "owt"]]
     for threads, omp, run in ((2, "1", stages), (1, "3", stages[-1:])):
         params["threads"] = threads
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        shutil.rmtree(tmp_path / "models", ignore_errors=True)  # train from scratch (threads is no run setting)
         out = sh(sys.executable, "-c", SPY, json.dumps(run), cwd=tmp_path, env={**env, "OMP_NUM_THREADS": omp})
         assert f"threads during the training steps: [{threads}]" in out, out
