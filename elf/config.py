@@ -272,6 +272,9 @@ class ModelSettings(_Strict):
 class TrainSettings(_Strict):
     """One training run (elf-method §8). `train.defaults` holds these; `train.datasets.<ds>` overrides them."""
 
+    # elf | mdlm | ar: the model family (elf/families). The baselines share the preset's backbone, the data,
+    # optimiser, checkpoints and evaluation; objective settings apply to ELF only.
+    family: Literal["elf", "mdlm", "ar"] = "elf"
     preset: str = "tiny"
     model: ModelSettings = Field(default_factory=ModelSettings)  # changes to the preset's shape ({} = as is)
     steps: int = Field(gt=0)
@@ -452,7 +455,11 @@ class Config(_Strict):
         if unknown:
             raise ValueError(f"sample.samplers must list every dataset exactly once (check: {sorted(unknown)})")
         for name in self.datasets:  # every dataset's merged training settings must be valid at load
-            self.train.for_dataset(name)
+            family = self.train.for_dataset(name).family
+            for sampler_name, sampler in self.sample.sampler_configs(name).items():
+                if sampler.family != family:  # e.g. an ODE sampler listed for an MDLM model
+                    raise ValueError(f"sample.samplers.{name}: sampler {sampler_name} (kind {sampler.kind}) samples "
+                                     f"{sampler.family} models, but train.datasets.{name}.family is {family}")
         return self
 
     def dataset(self, name: str) -> DatasetConfig:

@@ -26,7 +26,7 @@ from elf.data.tokens import is_blank
 from elf.errors import ElfError
 from elf.files import atomic_file
 from elf.pretrained import ELFPipeline
-from elf.sample import SamplerConfig, conditional_texts, generate, ids_to_texts
+from elf.sample import SamplerConfig, conditional_texts, ids_to_texts
 
 
 def load_trained(model_dir: Path, dataset: str, device: torch.device, tokens_dir: Path | None = None) -> ELFPipeline:
@@ -81,25 +81,23 @@ def sample_dataset(name: str, dataset: DatasetConfig, settings: SampleConfig, mo
         if pipeline.info.get(key) != getattr(dataset, key):
             raise ElfError(f"{model_dir}: model was trained with {key} {pipeline.info.get(key)}, params.yaml "
                            f"datasets.{name}.{key} is {getattr(dataset, key)} (retrain, or restore the setting)")
-    model, encoder, tokenizer = pipeline.network, pipeline.encoder, pipeline.tokenizer
+    tokenizer = pipeline.tokenizer
     samplers: dict[str, SamplerConfig] = settings.sampler_configs(name)
     rows: list[dict[str, Any]] = []
     speeds: dict[str, list[float]] = {}  # timings stay out of the DVC-tracked samples (they change every run)
+    sources = None
     if dataset.task == "seq2seq":
         split = "test" if (tokens_dir / "test").is_dir() else "validation"
         sources, _, source_texts, references = conditional_inputs(
             tokens_dir / split, raw_dir / f"{split}.parquet", settings.num_samples)
-        x_src, source_mask = pipeline.encode_sources(sources)
     for sampler_name, cfg in samplers.items():
         for seed in settings.seeds:
+            out, source_mask = pipeline.sample_ids(cfg, seed, settings.batch_size, num_samples=settings.num_samples,
+                                                   sources=sources, progress=True)
             if dataset.task == "lm":
-                out = generate(model, encoder.dim, dataset.max_length, settings.batch_size, cfg, seed, device,
-                               num_samples=settings.num_samples)
                 texts = ids_to_texts(out.ids, tokenizer)
                 extra: list[dict[str, str]] = [{} for _ in texts]
             else:
-                out = generate(model, encoder.dim, dataset.max_length, settings.batch_size, cfg, seed, device,
-                               source=x_src, source_mask=source_mask)
                 texts = conditional_texts(out.ids, tokenizer, source_mask, dataset.max_length,
                                           dataset.max_input_length)
                 extra = [{"source": s, "reference": r} for s, r in zip(source_texts, references, strict=True)]

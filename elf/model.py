@@ -171,16 +171,19 @@ def apply_rope_to_content(x: Tensor, cos: Tensor, sin: Tensor, num_prefix: int) 
 
 
 class Attention(nn.Module):
-    """Fused qkv (bias) → per-head RMSNorm on q, k → RoPE on content → SDPA, no mask → out Linear (bias).
+    """Fused qkv (bias) → per-head RMSNorm on q, k → RoPE on content → SDPA → out Linear (bias).
+
+    ELF attends bidirectionally (no mask). `causal` (the autoregressive baseline, elf/families/ar.py) masks
+    every key after the query; it is used with no prefix tokens, so position i sees content 0..i.
 
     fp32 softmax: with `attention_fp32`, q/k/v are cast to fp32 and `scaled_dot_product_attention` runs with
     autocast disabled (autocast would otherwise cast its inputs back to bf16), so scores, softmax and the
     weighted sum are fp32. The result is cast back to v's autocast dtype before the out projection.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, causal: bool = False):
         super().__init__()
-        self.heads, self.head_dim, self.fp32 = cfg.heads, cfg.head_dim, cfg.attention_fp32
+        self.heads, self.head_dim, self.fp32, self.causal = cfg.heads, cfg.head_dim, cfg.attention_fp32, causal
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
@@ -197,7 +200,7 @@ class Attention(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)
         ctx = _fp32_region(x.device) if self.fp32 else contextlib.nullcontext()
         with ctx:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(out.to(out_dtype).transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
@@ -215,10 +218,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, causal: bool = False):
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, causal)
         self.norm2 = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden, cfg.mlp_hidden)
 
@@ -380,9 +383,10 @@ MODEL_WEIGHTS_FILE = "model.safetensors"
 MODEL_TYPE = "elf"
 
 
-def save_model(model: ELF, directory: str | Path, metadata: dict | None = None) -> None:
-    """Write the weights and config.json (the network's config, the weights' sha256, plus `metadata`: dataset,
-    encoder hash, …) to `directory`. `config.json` carries Hugging Face's `model_type` / `architectures`."""
+def save_model(model: nn.Module, directory: str | Path, metadata: dict | None = None) -> None:
+    """Write the weights and config.json (the network's family and config, the weights' sha256, plus `metadata`:
+    dataset, encoder hash, …) to `directory`. `config.json` carries Hugging Face's `model_type` / `architectures`.
+    `model`: an ELF or a baseline network (elf/families)."""
     from safetensors.torch import save_file
 
     from elf.hashing import file_sha256
@@ -392,19 +396,32 @@ def save_model(model: ELF, directory: str | Path, metadata: dict | None = None) 
     weights = directory / MODEL_WEIGHTS_FILE
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(weights))
     config = {"model_type": MODEL_TYPE, "architectures": [type(model).__name__], **(metadata or {}),
-              "model": model.cfg.to_dict(), "weights_sha256": file_sha256(weights)}
+              "family": getattr(model.cfg, "family", "elf"), "model": model.cfg.to_dict(),
+              "weights_sha256": file_sha256(weights)}
     (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _state_bytes(cfg: ModelConfig) -> int:
+def _network_class(family: str) -> tuple[type, type]:
+    """(network class, config class) of a saved model's family ("elf" for models saved before families)."""
+    if family == "elf":
+        return ELF, ModelConfig
+    from elf.families.network import TokenModelConfig, TokenTransformer
+
+    if family not in ("mdlm", "ar"):
+        raise ValueError(f"unknown model family {family!r}")
+    return TokenTransformer, TokenModelConfig
+
+
+def _state_bytes(network_class: type, cfg) -> int:
     """Bytes of the weights a config asks for, counted on the meta device (nothing is allocated)."""
     with torch.device("meta"):
-        probe = ELF(cfg)
+        probe = network_class(cfg)
     return sum(t.numel() * t.element_size() for t in probe.state_dict().values())
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[ELF, dict]:
-    """Rebuild a saved model in eval mode; returns it with the config's metadata. Errors name the file."""
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a saved model (ELF, or a baseline of elf/families) in eval mode; returns it with the config's
+    metadata. Errors name the file."""
     from safetensors.torch import load_file
 
     from elf.errors import ElfError
@@ -414,7 +431,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     config_path, weights_path = directory / MODEL_CONFIG_FILE, directory / MODEL_WEIGHTS_FILE
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        cfg = ModelConfig.from_dict(config["model"])
+        network_class, config_class = _network_class(config.get("family", "elf"))
+        cfg = config_class.from_dict(config["model"])
         expected_sha256 = config["weights_sha256"]
     except FileNotFoundError:
         raise ElfError(f"{config_path}: not found (is {directory} a trained ELF model directory?)") from None
@@ -427,14 +445,14 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         raise ElfError(f"{weights_path}: not found")
     # The config must not make us allocate more than the weights file holds (a hostile or broken config.json),
     # and the weights must be the ones saved with it.
-    wanted, held = _state_bytes(cfg), weights_path.stat().st_size
+    wanted, held = _state_bytes(network_class, cfg), weights_path.stat().st_size
     if wanted > held:
         raise ElfError(f"{config_path}: asks for {wanted / 2**20:,.1f} MiB of weights but {weights_path} holds "
                        f"{held / 2**20:,.1f} MiB")
     if file_sha256(weights_path) != expected_sha256:
         raise ElfError(f"{weights_path}: sha256 does not match {config_path} (corrupt, or not the weights saved "
                        "with this config)")
-    model = ELF(cfg)
+    model = network_class(cfg)
     try:
         model.load_state_dict(load_file(str(weights_path), device=str(device)))
     except Exception as error:  # noqa: BLE001 - safetensors and load_state_dict raise several types

@@ -30,7 +30,7 @@ from elf.encoders import ENCODER_JSON, FrozenEncoder, load_encoder
 from elf.errors import ElfError
 from elf.files import read_json
 from elf.model import ELF, load_model, save_model
-from elf.sample import HEADLINE_SAMPLERS, SamplerConfig, conditional_texts, generate, ids_to_texts
+from elf.sample import HEADLINE_SAMPLERS, Generation, SamplerConfig, conditional_texts, generate, ids_to_texts
 
 TOKENIZER_SUBDIR = "tokenizer"
 ENCODER_SUBDIR = "encoder"
@@ -52,6 +52,11 @@ class ELFPipeline(ModelHubMixin, library_name="elf", tags=["text-generation", "d
     @property
     def task(self) -> str:
         return self.info["task"]
+
+    @property
+    def family(self) -> str:
+        """"elf", or the baseline family (elf/families) of the network: "mdlm" or "ar"."""
+        return self.info.get("family", "elf")
 
     @property
     def device(self) -> torch.device:
@@ -94,9 +99,13 @@ class ELFPipeline(ModelHubMixin, library_name="elf", tags=["text-generation", "d
             shutil.copytree(source, Path(save_directory) / name, dirs_exist_ok=True)
 
     def sampler(self, **changes: Any) -> SamplerConfig:
-        """The paper's headline sampler for this model's task (elf-method §7), with `changes` (None = keep)."""
-        return dataclasses.replace(HEADLINE_SAMPLERS[self.task],
-                                   **{k: v for k, v in changes.items() if v is not None})
+        """The default sampler of this model (ELF: the paper's headline setting for its task, elf-method §7;
+        MDLM: one step per position; AR: ancestral), with `changes` (None = keep)."""
+        if self.family == "elf":
+            default = HEADLINE_SAMPLERS[self.task]
+        else:
+            default = SamplerConfig(kind=self.family, steps=self.info["max_length"])
+        return dataclasses.replace(default, **{k: v for k, v in changes.items() if v is not None})
 
     @torch.no_grad()
     def generate(self, num_samples: int = 1, *, source: str | list[str] | None = None, seed: int = 0,
@@ -105,22 +114,46 @@ class ELFPipeline(ModelHubMixin, library_name="elf", tags=["text-generation", "d
         or `num_samples` for one source string. `sampler`: kind, steps, gamma, guidance, cfg_scale, grid
         (defaults: `self.sampler()`). Raises ElfError for a source given to an lm model or missing for seq2seq."""
         cfg = self.sampler(**sampler)
-        length, dim = self.info["max_length"], self.encoder.dim
         if self.task == "lm":
             if source is not None:
                 raise ElfError(f"the {self.info['dataset']} model is unconditional: a source does not apply")
-            out = generate(self.network, dim, length, batch_size, cfg, seed, self.device, num_samples=num_samples,
-                           progress=progress)
+            out, _ = self.sample_ids(cfg, seed, batch_size, num_samples=num_samples, progress=progress)
             return ids_to_texts(out.ids, self.tokenizer)
         if not source:
             raise ElfError(f"the {self.info['dataset']} model is conditional: it needs a source text")
         texts = [source] * num_samples if isinstance(source, str) else list(source)
         ids = [truncate_source(self.tokenizer(text, add_special_tokens=False)["input_ids"],
                                self.info["max_input_length"]) for text in texts]
-        x_source, mask = self.encode_sources(ids)
-        out = generate(self.network, dim, length, batch_size, cfg, seed, self.device, source=x_source,
-                       source_mask=mask, progress=progress)
-        return conditional_texts(out.ids, self.tokenizer, mask, length, self.info["max_input_length"])
+        out, mask = self.sample_ids(cfg, seed, batch_size, sources=ids, progress=progress)
+        return conditional_texts(out.ids, self.tokenizer, mask, self.info["max_length"],
+                                 self.info["max_input_length"])
+
+    @torch.no_grad()
+    def sample_ids(self, cfg: SamplerConfig, seed: int, batch_size: int, num_samples: int | None = None,
+                   sources: list[list[int]] | None = None,
+                   progress: bool = False) -> tuple[Generation, torch.Tensor | None]:
+        """Token ids of samples [N, max_length] with the sampler `cfg`, whatever the model's family, and the
+        source mask [N, max_length] of conditional rows (None for lm). `sources`: source token ids, one list
+        per row (seq2seq); lm models draw `num_samples` rows."""
+        if cfg.family != self.family:
+            raise ElfError(f"sampler kind {cfg.kind!r} samples {cfg.family} models; this model is {self.family} "
+                           f"(trained with train.family: {self.family})")
+        length = self.info["max_length"]
+        if self.family == "elf":
+            if sources is None:
+                return generate(self.network, self.encoder.dim, length, batch_size, cfg, seed, self.device,
+                                num_samples=num_samples, progress=progress), None
+            x_source, mask = self.encode_sources(sources)
+            return generate(self.network, self.encoder.dim, length, batch_size, cfg, seed, self.device,
+                            source=x_source, source_mask=mask, progress=progress), mask
+        from elf.data.layout import stack_seq2seq
+        from elf.families.generate import generate_tokens
+
+        if sources is None:
+            return generate_tokens(self.network, length, batch_size, cfg, seed, self.device, num_samples), None
+        source_ids, mask, _ = stack_seq2seq(sources, [[] for _ in sources], length)
+        return generate_tokens(self.network, length, batch_size, cfg, seed, self.device,
+                               source_ids=source_ids, source_mask=mask), mask
 
     @torch.no_grad()
     def encode_sources(self, sources: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,10 @@ from elf.vocab import EOS_ID, PAD_ID
 #: x̂ = denoiser(z [B, L, d], x̂_prev [B, L, d], t [B], w [B]): the clean-embedding prediction, [B, L, d] fp32.
 Denoiser = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
-SAMPLER_KINDS = ("ode", "sde")
+SAMPLER_KINDS = ("ode", "sde", "mdlm", "ar", "ar_greedy")
+#: The family of model each sampler kind samples (elf/families): ELF's ODE/SDE, MDLM's ancestral updates
+#: (`steps` of them), AR's ancestral or greedy left-to-right decoding (one pass per token; `steps` unused).
+SAMPLER_FAMILY = {"ode": "elf", "sde": "elf", "mdlm": "mdlm", "ar": "ar", "ar_greedy": "ar"}
 GRID_KINDS = ("logit_normal", "uniform")
 
 
@@ -50,7 +53,7 @@ GRID_KINDS = ("logit_normal", "uniform")
 class SamplerConfig:
     """Every sampling setting (§7), kept apart from the training settings. Defaults: the OWT headline row."""
 
-    kind: str = "sde"  # "ode" (Euler) or "sde" (noise re-injection with gamma)
+    kind: str = "sde"  # "ode" (Euler) or "sde" (noise re-injection with gamma); baselines: see SAMPLER_FAMILY
     steps: int = 32  # T denoising steps
     gamma: float = 1.5  # SDE re-injection strength γ; 0 makes the SDE the ODE
     guidance: float = 3.0  # SC-CFG scale w, fed through the guidance tokens (§6); trained on [0.5, 5]
@@ -81,6 +84,10 @@ class SamplerConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def family(self) -> str:
+        return SAMPLER_FAMILY[self.kind]
 
     @classmethod
     def from_dict(cls, data: dict) -> SamplerConfig:

@@ -9,7 +9,8 @@ of the global batch, seeded per (step, row of the global batch) so that any numb
 micro-batches sees the same draws; run `elf_loss` per micro-batch under bf16 autocast on GPUs; normalise by
 the *global* number of loss tokens; clip the gradient norm, step the optimiser and the lr schedule, update the
 EMA. The statistics stay on the device; read them when logging. (The objective itself still syncs where it
-selects rows: `nonzero` for the self-conditioning rows and boolean indexing of the decode rows.)
+selects rows: `nonzero` for the self-conditioning rows and boolean indexing of the decode rows.) A baseline
+network (elf/families: MDLM, AR) brings its own loss and draws, keyed by the same row seeds.
 
 Imports only torch and the method's modules (no data, tracking or config stack), so the GPU check runs it on a
 machine that has torch alone.
@@ -49,13 +50,26 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer, scheduler, ema, objective: ObjectiveConfig, *, seed: int,
                  d: Dist, local_batch: int, micro_batch: int, grad_clip: float, compile: bool = False):
+        from elf.families import network_family
+
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
+        self.family = network_family(model)
         self.objective, self.seed, self.d, self.grad_clip = objective, seed, d, grad_clip
         self.local_batch, self.micro = local_batch, micro_batch
         self.ddp = torch.nn.parallel.DistributedDataParallel(model) if d.world > 1 else None
         module = self.ddp or model
         # dynamic: passes A and B see a different number of rows every step; without it each new size recompiles.
         self.forward = torch.compile(module, dynamic=True) if compile else module
+
+    def _loss(self, mb: dict[str, torch.Tensor], seeds: list[int], length: int, dim: int):
+        """The family's loss on one micro-batch (ELF: elf_loss; MDLM / AR: elf/families)."""
+        if self.family != "elf":
+            from elf.families import baseline_loss
+
+            return baseline_loss(self.family, self.forward, mb, seeds, self.model.cfg.vocab_size)
+        draws = draw_noise_per_row(seeds, length, dim, self.objective, self.d.device)
+        return elf_loss(self.forward, mb["x"], mb["loss_mask"], mb["source_mask"], mb["cond_dropped"],
+                        mb["input_ids"], self.objective, draws=draws)
 
     def __call__(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """One update on this process's slice of global batch number `step`; returns 0-dim device tensors:
@@ -70,13 +84,11 @@ class TrainStep:
         for start in range(0, self.local_batch, self.micro):
             mb = {k: v[start:start + self.micro] for k, v in batch.items()}
             seeds = [row_seed(self.seed, step, first_row + start + i) for i in range(self.micro)]
-            draws = draw_noise_per_row(seeds, length, dim, self.objective, d.device)
             last = start + self.micro >= self.local_batch
             sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
             with sync:
                 with autocast(d.device):
-                    loss, stats = elf_loss(self.forward, mb["x"], mb["loss_mask"], mb["source_mask"],
-                                           mb["cond_dropped"], mb["input_ids"], self.objective, draws=draws)
+                    loss, stats = self._loss(mb, seeds, length, dim)
                 n_local = stats["loss_tokens"].float()
                 # DDP averages gradients over ranks, hence × world: the result is Σ(loss sums) / n_global.
                 (loss * n_local * d.world / n_global).backward()

@@ -1,4 +1,4 @@
-"""The train stage: one ELF model per dataset, single process or `torchrun` DDP, resumable exactly.
+"""The train stage: one model per dataset (ELF or a baseline family), one process or `torchrun` DDP, resumable exactly.
 
     elf train owt                                                 # one process, or torchrun when
                                                                   # train.*.nproc_per_node is > 1 / auto
@@ -43,6 +43,7 @@ from elf.data.tokens import FORMAT as TOKENS_FORMAT
 from elf.distributed import Dist, barrier, init_distributed, shutdown
 from elf.encoders import load_encoder
 from elf.errors import ElfError
+from elf.families import build_network
 from elf.files import (
     atomic_file,
     atomic_output_dir,
@@ -54,7 +55,7 @@ from elf.files import (
 )
 from elf.flow import ObjectiveConfig
 from elf.hashing import file_sha256
-from elf.model import ELF, build_model, num_parameters
+from elf.model import num_parameters
 from elf.optim import EMA, build_optimizer, warmup_constant_schedule
 from elf.pretrained import ELFPipeline
 from elf.runtime import configure_device, on_terminal
@@ -88,8 +89,10 @@ def run_record(dataset: DatasetConfig, settings: TrainSettings, seed: int, paths
                device: torch.device) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed: everything but the settings that may change midway.
     On CPUs that includes the thread count: kernels split work by it, so it changes the last bits of a run."""
+    # An ELF run's record leaves the family out, so checkpoints made before families existed still resume.
+    fixed = set(RESUMABLE_CHANGES) | ({"family"} if settings.family == "elf" else set())
     record = {"dataset": dataset.model_dump(mode="json"), "seed": seed,
-            "train": settings.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES)),
+            "train": settings.model_dump(mode="json", exclude=fixed),
             "tokens": file_sha256(paths.tokens / "manifest.json"),
             "encoder": read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"]}
     if device.type == "cpu":
@@ -134,8 +137,8 @@ class Trainer:
         self.tokens_manifest = tokens_manifest
         self.local_batch, self.micro = micro_batches(settings.batch_size, settings.micro_batch_size, d.world)
         torch.manual_seed(seed)  # identical initial weights on every rank
-        self.model: ELF = build_model(settings.preset, self.encoder.dim, tokens_manifest["vocab_size"],
-                                      **settings.model.overrides()).to(d.device)
+        self.model = build_network(settings.family, settings.preset, self.encoder.dim, tokens_manifest["vocab_size"],
+                                   **settings.model.overrides()).to(d.device)
         self.optimizer = build_optimizer(self.model, kind=settings.optimizer, lr=settings.learning_rate)
         self.scheduler = warmup_constant_schedule(self.optimizer, settings.warmup_steps)
         self.ema = EMA(self.model, settings.ema_decay)
@@ -158,7 +161,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.validation_history: list[dict[str, float]] = []
-        self._ema_copy: ELF | None = None  # the network holding the EMA weights for validation, made once
+        self._ema_copy: torch.nn.Module | None = None  # the network holding the EMA weights for validation, made once
         self.mlflow_run_id: str | None = None  # this segment's run (a child of the training's run)
         self.mlflow_parent_run_id: str | None = None  # the training's run: the parent of every segment
         torch.manual_seed(seed + 1 + d.rank)  # per-rank stream for anything else random
@@ -169,12 +172,12 @@ class Trainer:
                            f"validation split, or set train.datasets.{self.name}.validation.every: 0")
         settings = self.settings.validation
         return Validator(tokens, self.dataset.task, self.dataset.max_length, self.encoder, self.objective,
-                         settings.rows, settings.t_values, self.d, self.micro)
+                         settings.rows, settings.t_values, self.d, self.micro, family=self.settings.family)
 
     def _validation_settings(self) -> dict[str, Any]:
         return self.settings.validation.model_dump(mode="json", exclude={"every"})
 
-    def ema_copy(self) -> ELF:
+    def ema_copy(self) -> torch.nn.Module:
         """The network with the EMA weights of now, in eval mode (one copy, refreshed on every call)."""
         if self._ema_copy is None:
             self._ema_copy = self.ema.ema_model(self.model)
@@ -422,7 +425,7 @@ def _train(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int
               "world_size": d.world, "model_parameters": num_parameters(trainer.model),
               "encoder": {"kind": trainer.encoder.kind, "dim": trainer.encoder.dim}}
     if d.main:
-        print(f"train {name}: {settings.preset}, {num_parameters(trainer.model):,} parameters, "
+        print(f"train {name}: {settings.family} {settings.preset}, {num_parameters(trainer.model):,} parameters, "
               f"{'resuming at step ' + str(trainer.step) if resumed else 'from scratch'}, "
               f"{d.world} process(es), {trainer.micro}-row micro-batches, lr {settings.learning_rate:g}")
     with _mlflow_context(trainer, params) as run:
@@ -504,7 +507,8 @@ def _finish(trainer: Trainer, run) -> dict[str, Any]:
     columns = ["step", "loss", "loss_se", "mse", "ce", "decode_acc"]
     write_csv_atomic(paths.metrics / "validation_history.csv", [{k: h[k] for k in columns} for h in validation],
                      columns)
-    _plot_loss(trainer.history, validation, paths.metrics / "train_loss.png", f"ELF training: {trainer.name}")
+    _plot_loss(trainer.history, validation, paths.metrics / "train_loss.png",
+               f"{trainer.settings.family.upper()} training: {trainer.name}")
     if run is not None:
         import mlflow
 

@@ -1,4 +1,4 @@
-"""Validation loss: the ELF objective on held-out rows, at fixed t values with fixed noise.
+"""Validation loss: the ELF objective (or a baseline's, elf/families) on held-out rows, at fixed t and noise.
 
 The training loss is a poor progress signal: it mixes a random t (mostly very noisy, §3), random
 self-conditioning and guidance draws, and decode rows, all redrawn every step. Here the same held-out rows
@@ -45,8 +45,9 @@ class Validator:
     """
 
     def __init__(self, tokens_dir: Path, task: str, length: int, encoder: FrozenEncoder, objective: ObjectiveConfig,
-                 rows: int, t_values: list[float], d: Dist, micro_batch: int):
+                 rows: int, t_values: list[float], d: Dist, micro_batch: int, family: str = "elf"):
         self.objective, self.t_values, self.d, self.micro = objective, list(t_values), d, micro_batch
+        self.family = family
         self.length = length
         held_out = read_token_rows(tokens_dir, task, rows)
         if not held_out:
@@ -61,7 +62,7 @@ class Validator:
             input_ids, source_mask, valid_mask = stack_seq2seq([r[0] for r in mine], [r[1] for r in mine], length)
         chunks = []
         with torch.no_grad():
-            for start in range(0, len(mine), micro_batch):
+            for start in range(0, len(mine) if family == "elf" else 0, micro_batch):  # baselines read ids only
                 ids, valid, source = (t[start:start + micro_batch] for t in (input_ids, valid_mask, source_mask))
                 if task == "lm":
                     x = encoder.encode_lm(ids, valid).cpu().masked_fill(~valid[..., None], 0.0)
@@ -69,7 +70,7 @@ class Validator:
                     x = encoder.encode_conditional(ids, source, valid, torch.zeros(len(ids), dtype=torch.bool)).cpu()
                 chunks.append(x.float())
         self.dim = encoder.dim
-        self.batch = {"x": torch.cat(chunks) if chunks else torch.zeros(0, length, encoder.dim),
+        self.batch = {"x": torch.cat(chunks) if chunks else torch.zeros(len(input_ids), length, 0),
                       "input_ids": input_ids, "source_mask": source_mask,
                       "loss_mask": loss_mask(task, source_mask, valid_mask) & ~source_mask}
 
@@ -87,7 +88,8 @@ class Validator:
         mean = total / n
         var = (squares / n - mean.pow(2)).clamp(min=0.0) * n / max(n - 1.0, 1.0)
         se = (var / n).sqrt()
-        names = ["loss", "mse", "ce", "decode_acc", *(f"mse_t{t:g}" for t in self.t_values)]
+        per_t = "mse" if self.family == "elf" else "loss"
+        names = ["loss", "mse", "ce", "decode_acc", *(f"{per_t}_t{t:g}" for t in self.t_values)]
         out = {name: float(mean[i]) for i, name in enumerate(names)}
         out.update({f"{name}_se": float(se[i]) for i, name in enumerate(names[:3])})
         out["rows"] = int(n)
@@ -98,6 +100,8 @@ class Validator:
         cfg, device = self.objective, self.d.device
         part = {k: v[start:start + self.micro].to(device) for k, v in self.batch.items()}
         seeds = [VALIDATION_SEED * 1_048_576 + i for i in self.row_index[start:start + self.micro]]
+        if self.family != "elf":
+            return self._score_baseline(model, part, seeds)
         draws = draw_noise_per_row(seeds, self.length, self.dim, cfg, device)
         x, eps, mask, source = part["x"], draws["eps"], part["loss_mask"], part["source_mask"][..., None]
         n = len(x)
@@ -124,3 +128,41 @@ class Validator:
         mean_mse = mse.mean(1)
         loss = (1.0 - cfg.decode_prob) * mean_mse + cfg.decode_prob * ce
         return torch.cat([torch.stack([loss, mean_mse, ce, acc], 1), mse], 1)
+
+    def _score_baseline(self, model, part: dict[str, torch.Tensor], seeds: list[int]) -> torch.Tensor:
+        """The columns of `_score` for a baseline (elf/families), per row:
+
+        MDLM: at each t the ELBO term (1/t)·Σ masked CE per loss token, masks drawn from the row's key (the
+        validation loss is their mean over t, a fixed-grid estimate of the ELBO); ce and accuracy over the masked
+        tokens of all t. AR: the next-token CE per loss token at every t (t is not an input). mse is 0.
+        """
+        from elf.families.ar import shift_right
+        from elf.families.mdlm import draw_mask_per_row, elbo_weight, mask_tokens, subs_log_probs
+
+        ids, mask, source = part["input_ids"], part["loss_mask"], part["source_mask"]
+        n, device = len(ids), self.d.device
+        tokens = mask.sum(1).clamp(min=1)
+        if self.family == "ar":
+            with autocast(device):
+                logits = model(shift_right(ids)).float()
+            nll = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+            ce = (nll * mask).sum(1) / tokens
+            acc = ((logits.argmax(-1) == ids) & mask).sum(1) / tokens
+            per_t = ce[:, None].expand(n, len(self.t_values))
+            return torch.cat([torch.stack([ce, torch.zeros_like(ce), ce, acc], 1), per_t], 1)
+        u = draw_mask_per_row(seeds, ids.shape[1], device)["u"]
+        terms, ce_sum, correct, masked_count = [], 0.0, 0.0, 0.0
+        for t_value in self.t_values:
+            t = torch.full((n,), t_value, device=device)
+            z_t, masked = mask_tokens(ids, t, u, source, model.cfg.mask_id)
+            with autocast(device):
+                log_probs = subs_log_probs(model(z_t, t), z_t, model.cfg.mask_id)
+            scored = masked & mask
+            nll = torch.where(scored, -log_probs.gather(-1, ids[..., None])[..., 0], torch.zeros_like(t[:, None]))
+            terms.append(elbo_weight(t) * nll.sum(1) / tokens)
+            ce_sum = ce_sum + nll.sum(1)
+            correct = correct + ((log_probs.argmax(-1) == ids) & scored).sum(1)
+            masked_count = masked_count + scored.sum(1)
+        terms = torch.stack(terms, 1)
+        ce, acc = ce_sum / masked_count.clamp(min=1), correct / masked_count.clamp(min=1)
+        return torch.cat([torch.stack([terms.mean(1), torch.zeros_like(ce), ce, acc], 1), terms], 1)
