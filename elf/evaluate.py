@@ -103,7 +103,7 @@ class Scorer:
         if self.grammar is not None and self.task == "lm":
             oracle = metrics.oracle_ppl(texts, self.grammar, stream=self.stream)
             out.update(oracle_ppl=oracle["ppl"], oracle_ppl_finite_only=oracle["ppl_finite_only"],
-                       oracle_finite_fraction=oracle["finite_fraction"])
+                       oracle_ppl_floored=oracle["ppl_floored"], oracle_finite_fraction=oracle["finite_fraction"])
         if self.judge is not None:
             model, judge_tokenizer = self.judge
             judged = metrics.gen_ppl(texts, model, judge_tokenizer, batch_size=self.settings.judge_batch_size,

@@ -222,7 +222,12 @@ def gen_ppl(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def oracle_ppl(texts: Sequence[str], grammar, stream: bool = False) -> dict:
+ORACLE_FLOOR = 1e-4
+"""The probability `oracle_ppl`'s `ppl_floored` charges for each event the demo grammar forbids: the same for every
+model, about 1/50 of a uniform guess over the ~190-word demo lexicon, so a broken text costs ~9.2 nats a fault."""
+
+
+def oracle_ppl(texts: Sequence[str], grammar, stream: bool = False, floor: float = ORACLE_FLOOR) -> dict:
     """Per-word perplexity of texts under the demo grammar: exp(−Σ log p / Σ (words + 1)).
 
     Same formula as `elf.data.demo.oracle_perplexity` (the +1 is the end-of-document event).
@@ -232,24 +237,33 @@ def oracle_ppl(texts: Sequence[str], grammar, stream: bool = False) -> dict:
     A text the grammar cannot produce — an empty text included — has log p = −inf. Rather than let one
     such text make the whole number infinite, we report:
       ppl               over all texts; None (JSON null) when some text is impossible (finite_fraction < 1),
-      ppl_finite_only   over the texts with finite log p; None when there is none,
+      ppl_finite_only   over the texts with finite log p; None when there is none (flattering: it drops the
+                        broken texts, so never compare models by it alone),
+      ppl_floored       over all texts, each forbidden event costing log `floor` (`Grammar.log_prob_floored`):
+                        finite, and comparable across models scored with the same floor,
       finite_fraction   share of texts with finite log p (a quality figure of its own),
       words, texts      word events (words + 1 per text) and texts behind `ppl_finite_only` / in all.
     """
+    from elf.data.demo import text_to_words
+
     if not texts:
         raise ElfError("oracle_ppl: no texts to score")
     finite_logp, finite_events, finite_texts = 0.0, 0, 0
-    score = grammar.log_prob_stream_text if stream else grammar.log_prob_text
+    floored_logp, all_events = 0.0, 0
     for text in texts:
-        logp, n_words = score(text)
-        if math.isfinite(logp):
+        words = text_to_words(text)
+        logp, forbidden = grammar.log_prob_floored(words, stream, floor)
+        floored_logp += logp
+        all_events += len(words) + 1
+        if not forbidden:  # then logp is the exact log-probability
             finite_logp += logp
-            finite_events += n_words + 1
+            finite_events += len(words) + 1
             finite_texts += 1
     ppl_finite = _perplexity(-finite_logp, finite_events)
     return {
         "ppl": ppl_finite if finite_texts == len(texts) else None,
         "ppl_finite_only": ppl_finite,
+        "ppl_floored": _perplexity(-floored_logp, all_events),
         "finite_fraction": finite_texts / len(texts),
         "words": finite_events,
         "texts": len(texts),

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from rouge_score import rouge_scorer
 
-from elf.data.demo import build_grammar, generate_lm, oracle_perplexity
+from elf.data.demo import build_grammar, generate_lm, oracle_perplexity, text_to_words, words_to_text
 from elf.errors import ElfError
 from elf.metrics import (
     bleu,
@@ -223,6 +223,26 @@ def test_oracle_ppl_handles_texts_the_grammar_cannot_produce(grammar):
     none_finite = oracle_ppl(impossible, grammar)
     assert none_finite["ppl"] is None and none_finite["ppl_finite_only"] is None
     assert none_finite["finite_fraction"] == 0.0
+
+
+def test_floored_oracle_counts_every_text_with_a_fixed_penalty_per_forbidden_event(grammar):
+    good = list(generate_lm(grammar, seed=3, n=3))
+    exact = oracle_ppl(good, grammar)
+    assert exact["ppl_floored"] == pytest.approx(exact["ppl"])  # nothing forbidden: the exact perplexity
+    words = text_to_words(good[0])
+    broken = words[:2] + words[:2] + words[2:]  # a determiner and noun repeated mid-sentence
+    logp, forbidden = grammar.log_prob_floored(broken, stream=False, floor=1e-4)
+    assert grammar.log_prob(broken) == -math.inf and forbidden >= 1 and math.isfinite(logp)
+    cheaper, again = grammar.log_prob_floored(broken, stream=False, floor=1e-2)
+    assert again == forbidden and cheaper - logp == pytest.approx(forbidden * (math.log(1e-2) - math.log(1e-4)))
+    assert grammar.log_prob_floored([], stream=False, floor=1e-4) == (pytest.approx(math.log(1e-4)), 1)
+    mixed = oracle_ppl(good + [words_to_text(broken), ""], grammar)
+    events = sum(len(text_to_words(t)) + 1 for t in good) + len(broken) + 1 + 1
+    total = sum(grammar.log_prob_text(t)[0] for t in good) + logp + math.log(1e-4)
+    assert mixed["ppl"] is None and mixed["ppl_floored"] == pytest.approx(math.exp(-total / events))
+    assert mixed["ppl_floored"] > mixed["ppl_finite_only"]  # the broken texts cost, instead of being dropped
+    with pytest.raises(ElfError, match="floor"):
+        grammar.log_prob_floored(words, stream=False, floor=0.0)
 
 
 def test_oracle_ppl_scores_packed_samples_as_document_streams(grammar):

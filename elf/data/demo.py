@@ -276,7 +276,7 @@ class Grammar:
         there). Sequences the grammar cannot produce get -inf; so does the empty document, because every
         document has at least one sentence.
         """
-        return self._forward(words, stream=False)
+        return self._forward(words, stream=False)[0]
 
     def log_prob_stream(self, words: Sequence[str]) -> float:
         """Exact log-probability that a stream of documents (packed with no separator, as lm rows are under
@@ -287,26 +287,47 @@ class Grammar:
         can end one and the next document start), and the final `end` factor. At least `log_prob(words)`;
         equal when the words split into documents only one way (as themselves). Same floors as `log_prob`.
         """
-        return self._forward(words, stream=True)
+        return self._forward(words, stream=True)[0]
 
-    def _forward(self, words: Sequence[str], stream: bool) -> float:
+    def log_prob_floored(self, words: Sequence[str], stream: bool, floor: float) -> tuple[float, int]:
+        """(log-probability, forbidden events) of words where every event the grammar forbids — a word that
+        cannot follow the words before it, an end of document where none can end, an empty text — costs
+        log `floor` instead of making the whole text impossible. After a forbidden word the hidden state is
+        re-estimated from that word alone (the states that can emit it), so scoring goes on from there.
+
+        Not a normalised distribution: a fixed, model-independent penalty that keeps the perplexity of any set
+        of texts finite (`elf.metrics.oracle_ppl`'s `ppl_floored`), so broken samples count instead of being
+        dropped. Equals `log_prob` / `log_prob_stream` on texts the grammar can produce.
+        """
+        if not 0.0 < floor < 1.0:
+            raise ElfError(f"oracle floor probability must lie in (0, 1), got {floor}")
+        return self._forward(words, stream, floor)
+
+    def _forward(self, words: Sequence[str], stream: bool, floor: float | None = None) -> tuple[float, int]:
         if not words:
-            return -math.inf
+            return (-math.inf, 0) if floor is None else (math.log(floor), 1)
         alpha = self.start
-        logp = 0.0
+        logp, forbidden = 0.0, 0
         for i, word in enumerate(words):
             if i:
                 moved = self._transT @ alpha
                 alpha = moved + self.start * float(self.end @ alpha) if stream else moved
             col = self._index.get(word)
-            alpha = alpha * (self._emit_by_word[col] if col is not None else UNKNOWN_WORD_PROB)
+            emit = self._emit_by_word[col] if col is not None else np.full(len(self.states), UNKNOWN_WORD_PROB)
+            alpha = alpha * emit
             total = float(alpha.sum())
             if total <= 0.0:
-                return -math.inf
-            logp += math.log(total)
+                if floor is None:
+                    return -math.inf, 0
+                logp, forbidden = logp + math.log(floor), forbidden + 1
+                alpha, total = emit, float(emit.sum())  # restart from the states that can emit this word
+            else:
+                logp += math.log(total)
             alpha = alpha / total
         final = float(alpha @ self.end)
-        return logp + math.log(final) if final > 0.0 else -math.inf
+        if final > 0.0:
+            return logp + math.log(final), forbidden
+        return (-math.inf, 0) if floor is None else (logp + math.log(floor), forbidden + 1)
 
     def log_prob_text(self, text: str) -> tuple[float, int]:
         """(log-probability, number of words including "." tokens) of a rendered document."""
