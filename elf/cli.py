@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from elf.errors import EXIT_BAD_INPUT, ElfError, describe_os_error, os_error_exit_code
+from elf.families import SAMPLER_FAMILY
 
 RAW_DIR = Path("data/raw")
 TOKENIZER_DIR = Path("data/tokenizer")
@@ -146,6 +147,14 @@ def _train(args, config) -> int | None:
                        metrics=METRICS_DIR / args.dataset)
     train(args.dataset, dataset, config.train.for_dataset(args.dataset), config.seed, paths,
           stop_after=args.stop_after)
+
+
+def _compare(args, config) -> None:
+    from elf.compare import ComparePaths, run_compare
+
+    root = Path("compare")
+    run_compare(config, ComparePaths(root=root, tokenizer=TOKENIZER_DIR, encoder=ENCODER_DIR))
+    print(f"compare: {root / 'table.md'}, {root / 'compare.png'}, {root / 'results.json'}")
 
 
 def _sample(args, config) -> None:
@@ -338,8 +347,9 @@ STAGE_HELP = {  # name: (one line for `elf --help`, what `elf <stage> --help` ad
                 "Reads encoder (kind pretrained | scratch | gaussian) and seed."),
     "embed": ("cache per-token embeddings → data/embeddings/<dataset>/<split>/",
               "Reads embed.cache.<dataset> and embed.batch_size. Finished shards survive a kill."),
-    "train": ("train (or resume) the ELF model of a dataset → models/<dataset>/",
-              "Reads train.defaults with train.datasets.<dataset> over them, and seed. Resumes from the newest "
+    "train": ("train (or resume) the model of a dataset → models/<dataset>/",
+              "Reads train.defaults with train.datasets.<dataset> over them (family: elf, or the baselines mdlm "
+              "and ar), and seed. Resumes from the newest "
               "checkpoint; with train.*.nproc_per_node > 1 (or auto) it launches torchrun. Writes the "
               "self-contained model directory models/<dataset>/model/, metrics/<dataset>/train.json, "
               "train_history.csv and validation_history.csv (the held-out loss every train.*.validation.every "
@@ -357,6 +367,10 @@ STAGE_HELP = {  # name: (one line for `elf --help`, what `elf <stage> --help` ad
     "evaluate": ("score samples → metrics/<dataset>/eval.json, MLflow, registry",
                  "Reads evaluate (judge, primary_metric, register_model): metrics as mean ± SE over the seeds, "
                  "the primary one also in headline.json, one row per sampler in samplers.csv."),
+    "compare": ("train ELF, MDLM and AR to equal training FLOPs and score them alike → compare/",
+                "Reads compare (datasets and their changes, ELF's training, sampler steps, samples, seeds), and the "
+                "pipeline's data/tokenizer and data/encoder (`dvc repro encoder`). Writes compare/table.md, "
+                "compare/compare.png, compare/results.json; models and data under compare/. Resumes after a kill."),
     "lock": ("check or repair dvc.lock after a kill during DVC's write",
              "check: exit 1 if dvc.lock is empty, unparseable or cut short; repair: restore the last good copy "
              "(.dvc/tmp); save: keep the current dvc.lock as the good copy."),
@@ -392,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--model", metavar="DIR", help="a trained model directory (e.g. models/owt/model, or a copy "
                        "anywhere): print samples")
     stage.add_argument("--steps", type=_positive_int, help="denoising steps (lm 32, seq2seq 64)")
-    stage.add_argument("--kind", choices=["ode", "sde"], help="sampler (lm sde, seq2seq ode)")
+    stage.add_argument("--kind", choices=list(SAMPLER_FAMILY),
+                       help="sampler (ELF: lm sde, seq2seq ode; mdlm; ar or ar_greedy)")
     stage.add_argument("--gamma", type=float, help="SDE re-injection strength γ (1.5)")
     stage.add_argument("--guidance", type=float, help="SC-CFG scale w (lm 3, seq2seq 1)")
     stage.add_argument("--cfg-scale", type=float, help="input-CFG scale ω of a conditional model (2)")
@@ -400,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("-n", "--num", type=_positive_int, default=4, help="number of samples (default 4)")
     stage.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     stage.add_argument("--json", action="store_true", help="one JSON object per sample")
+    add("compare", _compare, dataset=None)
     add("judge", _judge)
     add("evaluate", _evaluate)
     stage = add("lock", None, dataset=None)

@@ -417,6 +417,32 @@ class EvaluateConfig(_Strict):
     selection_ratio: float = Field(default=0.5, gt=0, le=1)
 
 
+class CompareConfig(_Strict):
+    """`elf compare` (elf/compare.py): ELF, MDLM and AR trained to the same training FLOPs on the same data and
+    scored alike. Not a DVC stage: it trains three models per dataset (tens of minutes on a CPU)."""
+
+    # The datasets of params.yaml to compare on, each with changes to its settings for the comparison (e.g.
+    # owt: {max_length: 128}: rows long enough for step counts to mean something). Data lives in compare/data/.
+    datasets: dict[str, dict[str, Any]]
+    # Changes to train.datasets.<ds> for ELF's training; its training FLOPs are the budget of the other families.
+    train: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    families: list[Literal["elf", "mdlm", "ar"]] = Field(default_factory=lambda: ["elf", "mdlm", "ar"], min_length=1)
+    elf_steps: list[int] = Field(default_factory=lambda: [8, 16, 32, 64], min_length=1)  # ELF sampler steps
+    mdlm_steps: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=1)  # capped at the row
+    num_samples: int = Field(default=64, gt=0)  # lm: samples per sampler and seed; seq2seq: test rows
+    batch_size: int = Field(default=64, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> CompareConfig:
+        for name, steps in (("elf_steps", self.elf_steps), ("mdlm_steps", self.mdlm_steps)):
+            if any(s < 1 for s in steps):
+                raise ValueError(f"{name} must be positive step counts (got {steps})")
+        if len(set(self.families)) != len(self.families):
+            raise ValueError(f"families must be distinct (got {self.families})")
+        return self
+
+
 class Config(_Strict):
     seed: int
     threads: int | None = Field(default=None, gt=0)  # torch CPU threads per process; None: elf.runtime.default_threads
@@ -428,6 +454,7 @@ class Config(_Strict):
     train: TrainConfig
     sample: SampleConfig
     evaluate: EvaluateConfig
+    compare: CompareConfig | None = None  # `elf compare` (elf/compare.py); not part of `dvc repro`
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -454,6 +481,13 @@ class Config(_Strict):
         unknown = set(self.sample.samplers) ^ set(self.datasets)
         if unknown:
             raise ValueError(f"sample.samplers must list every dataset exactly once (check: {sorted(unknown)})")
+        if self.compare is not None:
+            for name in set(self.compare.datasets) | set(self.compare.train):
+                if name not in self.datasets:
+                    raise ValueError(f"compare: dataset '{name}' is not one of datasets ({', '.join(self.datasets)})")
+            for name in self.compare.datasets:
+                self.compare_dataset(name)
+                self.compare_train(name)
         for name in self.datasets:  # every dataset's merged training settings must be valid at load
             family = self.train.for_dataset(name).family
             for sampler_name, sampler in self.sample.sampler_configs(name).items():
@@ -461,6 +495,21 @@ class Config(_Strict):
                     raise ValueError(f"sample.samplers.{name}: sampler {sampler_name} (kind {sampler.kind}) samples "
                                      f"{sampler.family} models, but train.datasets.{name}.family is {family}")
         return self
+
+    def compare_dataset(self, name: str) -> DatasetConfig:
+        """datasets.<name> with compare.datasets.<name> merged in (errors name the compare key)."""
+        merged = _deep_update(self.datasets[name].model_dump(exclude_none=True), self.compare.datasets[name])
+        try:
+            return DatasetConfig.model_validate(merged)
+        except ValidationError as error:
+            raise ValueError(_format_error("", error, key_prefix=f"compare.datasets.{name}").lstrip(": ")) from None
+
+    def compare_train(self, name: str) -> TrainSettings:
+        """ELF's training settings in the comparison: train.defaults, train.datasets.<name>, then
+        compare.train.<name>, with family elf."""
+        override = _deep_update(self.train.datasets.get(name, {}), self.compare.train.get(name, {}))
+        return TrainConfig(defaults=self.train.defaults, datasets={name: {**override, "family": "elf"}}).for_dataset(
+            name)
 
     def dataset(self, name: str) -> DatasetConfig:
         """The named dataset, or a one-line error listing the known ones."""

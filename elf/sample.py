@@ -31,16 +31,14 @@ import torch
 from torch import Tensor
 
 from elf.errors import ElfError
+from elf.families import SAMPLER_FAMILY
 from elf.runtime import autocast, on_terminal
 from elf.vocab import EOS_ID, PAD_ID
 
 #: x̂ = denoiser(z [B, L, d], x̂_prev [B, L, d], t [B], w [B]): the clean-embedding prediction, [B, L, d] fp32.
 Denoiser = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
-SAMPLER_KINDS = ("ode", "sde", "mdlm", "ar", "ar_greedy")
-#: The family of model each sampler kind samples (elf/families): ELF's ODE/SDE, MDLM's ancestral updates
-#: (`steps` of them), AR's ancestral or greedy left-to-right decoding (one pass per token; `steps` unused).
-SAMPLER_FAMILY = {"ode": "elf", "sde": "elf", "mdlm": "mdlm", "ar": "ar", "ar_greedy": "ar"}
+SAMPLER_KINDS = tuple(SAMPLER_FAMILY)  # ode, sde (ELF) and the baselines' mdlm, ar, ar_greedy (elf/families)
 GRID_KINDS = ("logit_normal", "uniform")
 
 

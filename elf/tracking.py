@@ -258,7 +258,9 @@ def mlflow_run(experiment: str, run_name: str, params: Mapping[str, Any] | None 
             check_local_store(uri)
             if run_id is not None:
                 try:
-                    mlflow.MlflowClient(uri).get_run(run_id)
+                    # MLflow reopens a run only inside the active experiment: make it the run's own (a process
+                    # that trains several datasets, as `elf compare` does, last set another one)
+                    mlflow.set_experiment(experiment_id=mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id)
                 except MlflowException as error:
                     if error.error_code != "RESOURCE_DOES_NOT_EXIST":  # a broken store is no reason for a new run
                         raise

@@ -5,15 +5,15 @@ import math
 
 import pytest
 import torch
+from test_train import DATASETS, SETTINGS, data, final_weights, paths  # noqa: F401 - data is a fixture
 
 from elf.config import TrainSettings
 from elf.families import build_network
 from elf.families.ar import ar_loss, ar_sample, shift_right
 from elf.families.mdlm import TIME_EPS, draw_mask_per_row, elbo_weight, mdlm_loss, mdlm_sample, subs_log_probs
 from elf.pretrained import ELFPipeline
-from elf.vocab import EOS_ID, PAD_ID
-from test_train import DATASETS, SETTINGS, data, final_weights, paths  # noqa: F401 - data is a fixture
 from elf.train import train
+from elf.vocab import EOS_ID, PAD_ID
 
 V = 8  # vocabulary of the hand computations; the MDLM mask id is V
 

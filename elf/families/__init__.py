@@ -9,9 +9,18 @@ checkpoints, DDP, MLflow and evaluation; only the network's input/output layers,
 differ. Their network is `elf.families.network.TokenTransformer`.
 """
 
-from torch import Tensor, nn
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a network is built: `elf --help` stays quick
+    from torch import Tensor, nn
 
 FAMILIES = ("elf", "mdlm", "ar")
+
+#: The family of model each sampler kind samples: ELF's ODE/SDE (elf/sample.py), MDLM's ancestral updates
+#: (`steps` of them), AR's ancestral or greedy left-to-right decoding (one pass per token; `steps` unused).
+SAMPLER_FAMILY = {"ode": "elf", "sde": "elf", "mdlm": "mdlm", "ar": "ar", "ar_greedy": "ar"}
 
 #: The ModelSettings fields that only ELF has (its input projection and decode head): a baseline ignores them.
 ELF_ONLY_FIELDS = ("bottleneck", "decode_hidden")
