@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: env demo test lint orchestrate orchestrate-status orchestrate-stop mlflow-ui
+.PHONY: env demo compare test lint orchestrate orchestrate-status orchestrate-stop mlflow-ui
 
 env: $(STAMP)
 
@@ -28,6 +28,14 @@ demo: $(STAMP)
 	$(BIN)/elf lock repair
 	$(BIN)/dvc repro
 	$(BIN)/elf lock save
+
+# ELF vs MDLM vs AR at equal training FLOPs on the demo tasks (README, "ELF vs MDLM vs AR"): the pipeline's data,
+# tokenizer and encoder, then `elf compare` → compare/table.md, compare/compare.png. Not part of `make test`.
+compare: $(STAMP)
+	$(BIN)/elf lock repair
+	$(BIN)/dvc repro encoder
+	$(BIN)/elf lock save
+	$(BIN)/elf compare
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -91,6 +91,7 @@ def sample_dataset(name: str, dataset: DatasetConfig, settings: SampleConfig, mo
         sources, _, source_texts, references = conditional_inputs(
             tokens_dir / split, raw_dir / f"{split}.parquet", settings.num_samples)
     for sampler_name, cfg in samplers.items():
+        cfg = pipeline.resolve_sampler(cfg)  # the samples file records the noise scale actually used
         for seed in settings.seeds:
             out, source_mask = pipeline.sample_ids(cfg, seed, settings.batch_size, num_samples=settings.num_samples,
                                                    sources=sources, progress=True)

@@ -30,7 +30,15 @@ from elf.encoders import ENCODER_JSON, FrozenEncoder, load_encoder
 from elf.errors import ElfError
 from elf.files import read_json
 from elf.model import ELF, load_model, save_model
-from elf.sample import HEADLINE_SAMPLERS, Generation, SamplerConfig, conditional_texts, generate, ids_to_texts
+from elf.sample import (
+    HEADLINE_SAMPLERS,
+    Generation,
+    SamplerConfig,
+    as_trained,
+    conditional_texts,
+    generate,
+    ids_to_texts,
+)
 
 TOKENIZER_SUBDIR = "tokenizer"
 ENCODER_SUBDIR = "encoder"
@@ -105,7 +113,12 @@ class ELFPipeline(ModelHubMixin, library_name="elf", tags=["text-generation", "d
             default = HEADLINE_SAMPLERS[self.task]
         else:
             default = SamplerConfig(kind=self.family, steps=self.info["max_length"])
-        return dataclasses.replace(default, **{k: v for k, v in changes.items() if v is not None})
+        return self.resolve_sampler(dataclasses.replace(default, **{k: v for k, v in changes.items() if v is not None}))
+
+    def resolve_sampler(self, cfg: SamplerConfig) -> SamplerConfig:
+        """`cfg` with the settings that must match training (noise scale, x̂ → v floor) taken from this model's
+        objective where `cfg` leaves them at None (`elf.sample.as_trained`)."""
+        return as_trained(cfg, self.info.get("objective"))
 
     @torch.no_grad()
     def generate(self, num_samples: int = 1, *, source: str | list[str] | None = None, seed: int = 0,
@@ -135,6 +148,7 @@ class ELFPipeline(ModelHubMixin, library_name="elf", tags=["text-generation", "d
         """Token ids of samples [N, max_length] with the sampler `cfg`, whatever the model's family, and the
         source mask [N, max_length] of conditional rows (None for lm). `sources`: source token ids, one list
         per row (seq2seq); lm models draw `num_samples` rows."""
+        cfg = self.resolve_sampler(cfg)
         if cfg.family != self.family:
             raise ElfError(f"sampler kind {cfg.kind!r} samples {cfg.family} models; this model is {self.family} "
                            f"(trained with train.family: {self.family})")

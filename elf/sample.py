@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -59,8 +59,11 @@ class SamplerConfig:
     grid: str = "logit_normal"  # "logit_normal" (the paper's) or "uniform" (the worse alternative)
     grid_mean: float = -1.5  # logit-normal grid: sigmoid(N(mean, std²)) draws
     grid_std: float = 0.8
-    noise_scale: float = 2.0  # s of the prior and of the SDE re-injection (§2)
-    min_denom: float = 0.05  # x̂ → v: (x̂ − z) / max(1 − t, min_denom) (§3)
+    # s of the prior and of the SDE re-injection (§2) and the x̂ → v floor (§3): must be the values the model was
+    # trained with. None = the model's (`ELFPipeline.resolve_sampler` reads them from its config; a bare network
+    # without a config gets the paper's 2 and 0.05).
+    noise_scale: float | None = None
+    min_denom: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SAMPLER_KINDS:
@@ -71,13 +74,15 @@ class SamplerConfig:
             raise ElfError(f"sampler.steps: must be an integer >= 1, got {self.steps!r}")
         for name in ("gamma", "guidance", "cfg_scale", "grid_mean", "grid_std", "noise_scale", "min_denom"):
             value = getattr(self, name)
+            if value is None and name in AS_TRAINED:
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ElfError(f"sampler.{name}: must be a finite number, got {value!r}")
         for name, low in (("gamma", 0.0), ("cfg_scale", 0.0), ("grid_std", 0.0)):
             if not getattr(self, name) >= low:
                 raise ElfError(f"sampler.{name}: must be >= {low:g}, got {getattr(self, name)!r}")
         for name in ("noise_scale", "min_denom", "guidance"):  # w is trained on [0.5, 5] (§6); 0 or less is no scale
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ElfError(f"sampler.{name}: must be > 0, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
@@ -103,6 +108,19 @@ class SamplerConfig:
     def uses_input_cfg(self, conditional: bool) -> bool:
         """Input-CFG needs a source, and at ω = 1 it *is* the conditional pass, so that pass alone is run."""
         return conditional and self.cfg_scale != 1.0
+
+
+AS_TRAINED = {"noise_scale": 2.0, "min_denom": 0.05}
+"""Sampler settings that must equal the objective's (elf.flow.ObjectiveConfig), with the paper's values: what a
+`SamplerConfig` field left at None means for a network whose training config is unknown."""
+
+
+def as_trained(cfg: SamplerConfig, objective: dict | None) -> SamplerConfig:
+    """`cfg` with each `AS_TRAINED` field left at None set to the training objective's value (`objective`: the
+    model config's `objective` mapping; None or a missing key: the paper's value)."""
+    objective = objective or {}
+    return replace(cfg, **{name: objective.get(name, default) for name, default in AS_TRAINED.items()
+                           if getattr(cfg, name) is None})
 
 
 HEADLINE_SAMPLERS = {
@@ -214,6 +232,7 @@ def sample_embeddings(
     """
     _check_source(shape, source, source_mask)
     device = generator.device
+    cfg = as_trained(cfg, None)  # a field still None: the paper's value
     s = cfg.noise_scale
     if source is not None:
         source = source.to(device=device, dtype=torch.float32)

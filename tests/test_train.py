@@ -317,3 +317,23 @@ def test_a_checkpoint_of_an_older_version_keeps_its_validation_curve(data, tmp_p
     (last / INDEX).write_text(json.dumps(index))
     train("owt", DATASETS["owt"], settings, 42, p)
     assert (p.metrics / "validation_history.csv").read_text() == curve and len(curve.splitlines()) == 3
+
+
+def test_a_model_samples_with_the_noise_scale_it_was_trained_with(data, tmp_path):
+    """The prior and SDE noise scale s (and the x̂ → v floor) belong to the model: a sampler that leaves them
+    unset uses the training objective's, and the samples file records the value used."""
+    from elf.config import SampleConfig
+    from elf.generation import sample_dataset
+    from elf.pretrained import ELFPipeline
+
+    p = paths(data, tmp_path)
+    train("owt", DATASETS["owt"], TrainSettings(**{**SETTINGS, "steps": 2, "objective": {"noise_scale": 1.25}}), 42, p)
+    pipeline = ELFPipeline.load(p.model)
+    assert (pipeline.sampler().noise_scale, pipeline.sampler().min_denom) == (1.25, 0.05)
+    assert pipeline.sampler(noise_scale=3.0).noise_scale == 3.0  # an explicit value is kept
+    settings = SampleConfig(num_samples=2, batch_size=2, seeds=[0],
+                            samplers={"owt": [{"name": "ode-2", "kind": "ode", "steps": 2}]})
+    out = tmp_path / "samples.jsonl"
+    sample_dataset("owt", DATASETS["owt"], settings, p.model, data / "tokens" / "owt", data / "raw" / "owt", out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {row["settings"]["noise_scale"] for row in rows} == {1.25}
