@@ -26,14 +26,15 @@ from elf.data.tokenizer import load_tokenizer
 from elf.evaluate import Scorer, reference_texts
 from elf.generation import load_trained
 from elf.model import ELF
-from elf.sample import SamplerConfig, generate, ids_to_texts
+from elf.sample import SamplerConfig, as_trained, generate, ids_to_texts
 
 SETTINGS = [("ode", 8, 0.0), ("sde", 8, 2.0), ("ode", 16, 0.0), ("sde", 16, 2.0), ("ode", 32, 0.0),
             ("sde", 32, 1.5), ("ode", 64, 0.0), ("sde", 64, 1.0)]
 
 
-def score_model(model, encoder, tokenizer, scorer, length, samples, seeds, kind, steps, gamma) -> dict:
-    cfg = SamplerConfig(kind=kind, steps=steps, gamma=gamma, guidance=3.0)
+def score_model(model, encoder, tokenizer, scorer, length, samples, seeds, kind, steps, gamma, objective) -> dict:
+    """`objective`: the trained model's (its noise scale is the sampler's)."""
+    cfg = as_trained(SamplerConfig(kind=kind, steps=steps, gamma=gamma, guidance=3.0), objective)
     per_seed, seconds, count = [], 0.0, 0
     for seed in seeds:
         out = generate(model, encoder.dim, length, samples, cfg, seed, "cpu", num_samples=samples, progress=False)
@@ -66,10 +67,12 @@ def main() -> None:
     report = {"owt": {"held_out_text": {k: held_out.get(k) for k in ("oracle_ppl", "gen_ppl", "entropy",
                                                                     "distinct_2")}, "trained": {},
                       "untrained_sde_32": score_model(untrained, encoder, tokenizer, scorer, dataset.max_length,
-                                                      args.samples, args.seeds, "sde", 32, 1.5)}}
+                                                      args.samples, args.seeds, "sde", 32, 1.5,
+                                                      trained.info["objective"])}}
     for kind, steps, gamma in SETTINGS:
         report["owt"]["trained"][f"{kind}-{steps}"] = score_model(
-            model, encoder, tokenizer, scorer, dataset.max_length, args.samples, args.seeds, kind, steps, gamma)
+            model, encoder, tokenizer, scorer, dataset.max_length, args.samples, args.seeds, kind, steps, gamma,
+            trained.info["objective"])
     for name, keys in (("wmt14", ("bleu", "bleu_cased")), ("xsum", ("rouge1", "rouge2", "rougeL"))):
         path = Path(f"metrics/{name}/eval.json")
         if path.is_file():

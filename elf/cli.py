@@ -153,7 +153,7 @@ def _compare(args, config) -> None:
     from elf.compare import ComparePaths, run_compare
 
     root = Path("compare")
-    run_compare(config, ComparePaths(root=root, tokenizer=TOKENIZER_DIR, encoder=ENCODER_DIR))
+    run_compare(config, ComparePaths(root=root, tokenizer=TOKENIZER_DIR, encoder=ENCODER_DIR, judges=JUDGE_DIR))
     print(f"compare: {root / 'table.md'}, {root / 'compare.png'}, {root / 'results.json'}")
 
 

@@ -21,7 +21,6 @@ models counts only where both have matched entropy: within 10% of the held-out t
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ class ComparePaths:
     root: Path  # compare/
     tokenizer: Path  # data/tokenizer
     encoder: Path  # data/encoder
+    judges: Path  # data/judge: the pipeline's trained judges, for Gen PPL where there is no demo grammar
 
     def raw(self, dataset: str) -> Path:
         return self.root / "data" / dataset / "raw"
@@ -94,20 +94,27 @@ def train_paths(name: str, family: str, paths: ComparePaths):
 
 
 def step_flops(name: str, dataset: DatasetConfig, settings: TrainSettings, seed: int, paths: ComparePaths) -> float:
-    """Training FLOPs of one optimisation step (mean over the first `FLOP_COUNT_STEPS`), counted by torch on a
-    throwaway run of these settings: every matmul and attention of the forward and backward passes, ELF's no-grad
-    passes included. Nothing is written."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Training FLOPs of one optimisation step (mean over the first `FLOP_COUNT_STEPS`), counted by torch's
+    FlopCounterMode on a throwaway run of these settings: the matmuls and attention of the forward and backward
+    passes, ELF's no-grad self-conditioning passes included; the optimiser's matmuls too (none for AdamW; Muon's
+    Newton–Schulz iterations). Batches are read outside the count, so the frozen encoder's work (the data) is not
+    counted. Nothing is written."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     from elf.distributed import init_distributed
     from elf.train import Trainer
 
     quiet = settings.model_copy(update={"validation": settings.validation.model_copy(update={"every": 0})})
     trainer = Trainer(name, dataset, quiet, seed, train_paths(name, settings.family, paths), init_distributed())
-    counter = FlopCounterMode(display=False)
-    with counter:
-        for _ in range(FLOP_COUNT_STEPS):
-            trainer.train_step()
+    aten = torch.ops.aten  # torch counts the GPU attention kernels; the CPU one gets the same formula here
+    counter = FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v)})
+    for step in range(FLOP_COUNT_STEPS):
+        batch = next(trainer.loader)
+        with counter:
+            trainer.train_step_fn(batch, step)
     return counter.get_total_flops() / FLOP_COUNT_STEPS
 
 
@@ -127,8 +134,8 @@ def samplers_for(family: str, name: str, dataset: DatasetConfig, config: Config)
 
     ELF: `compare.elf_steps`, each with the settings of the dataset's own ELF sampler of that kind and step
     count in sample.samplers when there is one (the tuned γ), else the paper's headline sampler for the task.
-    MDLM: `compare.mdlm_steps`, capped at the positions it generates (more steps than positions change nothing).
-    AR: ancestral sampling for lm, greedy for seq2seq.
+    MDLM: `compare.mdlm_steps` (more steps than positions still change the result: fewer tokens are unmasked
+    together). AR: ancestral sampling for lm, greedy for seq2seq.
     """
     compare = config.compare
     if family == "elf":
@@ -137,9 +144,7 @@ def samplers_for(family: str, name: str, dataset: DatasetConfig, config: Config)
                  if c.family == "elf" and c.kind == headline.kind and c.cfg_scale == headline.cfg_scale}
         return {f"{headline.kind}-{s}": tuned.get(s, dataclasses.replace(headline, steps=s)) for s in compare.elf_steps}
     if family == "mdlm":
-        generated = dataset.max_length - (dataset.max_input_length or 0)
-        steps = sorted({min(s, generated) for s in compare.mdlm_steps})
-        return {f"mdlm-{s}": SamplerConfig(kind="mdlm", steps=s) for s in steps}
+        return {f"mdlm-{s}": SamplerConfig(kind="mdlm", steps=s) for s in compare.mdlm_steps}
     kind = "ar" if dataset.task == "lm" else "ar_greedy"
     return {kind.replace("_", "-"): SamplerConfig(kind=kind)}
 
@@ -159,14 +164,23 @@ def _configured_samplers(name: str, config: Config) -> list[SamplerConfig]:
 def _scorer(name: str, dataset: DatasetConfig, config: Config, paths: ComparePaths, tokenizer):
     from elf.data.shards import read_manifest
     from elf.data.tokens import FORMAT as TOKENS_FORMAT
-    from elf.evaluate import Scorer
+    from elf.evaluate import GRAMMAR_FILE, Scorer
 
     packing = read_manifest(paths.tokens(name) / "train", TOKENS_FORMAT)["packing"]
-    judge_free = EvaluateConfig(judge=None)  # the oracle (lm) or the references (seq2seq) score the samples
-    return Scorer(dataset, judge_free, paths.raw(name), tokenizer, "cpu", packing)
+    if dataset.task == "seq2seq" or (paths.raw(name) / GRAMMAR_FILE).is_file():
+        # the references or the exact oracle score the samples: no judge model in between
+        return Scorer(dataset, EvaluateConfig(judge=None), paths.raw(name), tokenizer, str(_device()), packing)
+    # your own text: Gen PPL under the pipeline's judge (evaluate.judge; `trained`: the judge stage's model)
+    return Scorer(dataset, config.evaluate, paths.raw(name), tokenizer, str(_device()), packing, paths.judges / name)
 
 
-LM_FIGURES = ("oracle_ppl_floored", "oracle_finite_fraction", "oracle_ppl_finite_only", "entropy", "distinct_2")
+def _device() -> torch.device:
+    """Where sampling and scoring run: where training ran (a GPU when there is one)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+LM_FIGURES = ("oracle_ppl_floored", "oracle_finite_fraction", "oracle_ppl_finite_only", "gen_ppl", "entropy",
+              "distinct_2", "nonempty_fraction")
 SEQ2SEQ_FIGURES = ("bleu", "rougeL", "entropy", "distinct_2")
 
 
@@ -187,7 +201,7 @@ def score_family(name: str, family: str, dataset: DatasetConfig, config: Config,
     from elf.sample import conditional_texts, ids_to_texts
 
     compare = config.compare
-    pipeline = ELFPipeline.load(paths.model(name, family) / "model", torch.device("cpu"))
+    pipeline = ELFPipeline.load(paths.model(name, family) / "model", _device())
     rows = []
     for sampler_name, cfg in samplers_for(family, name, dataset, config).items():
         per_seed, nfe, seconds = [], 0, 0.0
@@ -259,10 +273,8 @@ def run_compare(config: Config, paths: ComparePaths) -> dict[str, Any]:
         training = {}
         for family in config.compare.families:
             run = settings[family].model_copy(update={"steps": steps[family]})
-            began = time.perf_counter()
             summary = train(f"compare_{name}_{family}", dataset, run, config.seed, train_paths(name, family, paths))
-            record = _training_record(paths, name, family, run, flops[family], time.perf_counter() - began, summary)
-            training[family] = record
+            training[family] = _training_record(paths, name, family, run, flops[family], summary)
         scorer = _scorer(name, dataset, config, paths, tokenizer)
         inputs = task_inputs(name, dataset, config, paths, tokenizer, scorer)
         rows = [row for family in config.compare.families
@@ -293,7 +305,8 @@ def log_results(results: dict[str, Any], root: Path) -> None:
     figures: dict[str, float] = {}
     for name, part in results["datasets"].items():
         for family, record in part["training"].items():
-            figures.update({f"{name}/{family}/train_{k}": float(record[k]) for k in ("steps", "flops", "minutes")})
+            figures.update({f"{name}/{family}/train_{k}": float(record[k]) for k in ("steps", "flops", "minutes")
+                            if record[k] is not None})
         for row in part["rows"]:
             figures.update({f"{name}/{row['family']}/{row['sampler']}/{k}": float(v) for k, v in row.items()
                             if isinstance(v, int | float) and not isinstance(v, bool) and not k.startswith("train")})
@@ -303,22 +316,19 @@ def log_results(results: dict[str, Any], root: Path) -> None:
             mlflow.log_artifact(str(root / artifact))
 
 
-def _training_record(paths: ComparePaths, name: str, family: str, settings: TrainSettings, flops_per_step: float,
-                     seconds: float, summary: dict[str, Any]) -> dict[str, Any]:
-    """Steps, FLOPs and wall time of a family's training. A run that was already trained (or resumed) keeps the
-    wall time recorded when its steps were trained (compare/models/<ds>/<family>/timing.json)."""
-    from elf.model import num_parameters
-    from elf.pretrained import ELFPipeline
+def _training_record(paths: ComparePaths, name: str, family: str, settings: TrainSettings,
+                     flops_per_step: float, summary: dict[str, Any]) -> dict[str, Any]:
+    """Steps, FLOPs, parameters and wall time of a family's training; the time is the trainer's own count over
+    every segment (`train_seconds` of the last checkpoint), so a resumed training reports all of it."""
+    from elf import checkpoint as ckpt
+    from elf.model import load_model, num_parameters
 
-    timing_path = paths.model(name, family) / "timing.json"
-    timing = read_json(timing_path, "timing record") if timing_path.is_file() else {"seconds": 0.0, "steps": 0}
-    trained_now = settings.steps - timing["steps"]
-    if trained_now > 0:  # steps run in this call (after a resume: the rest); kept for later calls
-        timing = {"seconds": timing["seconds"] + seconds, "steps": settings.steps}
-        write_json_atomic(timing_path, timing)
-    network = ELFPipeline.load(paths.model(name, family) / "model").network
+    out = paths.model(name, family)
+    last = ckpt.list_checkpoints(out / "checkpoints")[-1]
+    seconds = ckpt.read_trainer_state(last).get("train_seconds")
+    network, _ = load_model(out / "model")
     return {"steps": settings.steps, "flops_per_step": flops_per_step, "flops": flops_per_step * settings.steps,
-            "parameters": num_parameters(network), "minutes": round(timing["seconds"] / 60, 2),
+            "parameters": num_parameters(network), "minutes": None if seconds is None else round(seconds / 60, 2),
             "val_loss": summary.get("val_loss")}
 
 
@@ -328,21 +338,32 @@ def _matched(row: dict[str, Any], reference: dict[str, Any]) -> bool | None:
     return abs(row["entropy"] - reference["entropy"]) <= ENTROPY_MATCH * reference["entropy"]
 
 
+def quality_key(rows: list[dict[str, Any]]) -> str:
+    """The lm perplexity the rows are ranked by: the demo oracle's over all samples, else Gen PPL (own text)."""
+    return "oracle_ppl_floored" if any(r.get("oracle_ppl_floored") is not None for r in rows) else "gen_ppl"
+
+
 def ordering(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The paper's claim on this data: ELF at ≤ 32 steps against MDLM at its most steps, by oracle perplexity
-    over all samples, counted only when both have matched entropy. `holds` is None when that is not the case."""
-    elf = [r for r in rows if r["family"] == "elf" and r["steps"] <= 32]
-    mdlm = [r for r in rows if r["family"] == "mdlm"]
+    """The paper's claim on this data: ELF at ≤ 32 steps against MDLM at its most steps, by perplexity over all
+    samples (`quality_key`), counted only when both have matched entropy. `holds` is None when that is not the
+    case."""
+    key = quality_key(rows)
+    scored = [r for r in rows if r.get(key) is not None]
+    elf = [r for r in scored if r["family"] == "elf" and r["steps"] <= 32]
+    mdlm = [r for r in scored if r["family"] == "mdlm"]
     if not elf or not mdlm:
-        return {"holds": None, "reason": "needs ELF at ≤ 32 steps and MDLM"}
-    best_elf = min(elf, key=lambda r: r["oracle_ppl_floored"])
+        return {"holds": None, "reason": "needs ELF at ≤ 32 steps and MDLM, both scored"}
+    # matched entropy first: a repetitive, low-entropy sampler has the lowest perplexity and proves nothing
+    elf, mdlm = [r for r in elf if r.get("matched_entropy")], [r for r in mdlm if r.get("matched_entropy")]
+    if not elf or not mdlm:
+        return {"holds": None, "reason": "no "
+                + ("ELF sampler at ≤ 32 steps" if not elf else "MDLM sampler")
+                + " has entropy within 10% of held-out text"}
+    best_elf = min(elf, key=lambda r: r[key])
     most = max(mdlm, key=lambda r: r["steps"])
-    verdict = {"elf": best_elf["sampler"], "elf_ppl": best_elf["oracle_ppl_floored"], "mdlm": most["sampler"],
-               "mdlm_ppl": most["oracle_ppl_floored"], "ratio": most["oracle_ppl_floored"] /
-               best_elf["oracle_ppl_floored"]}
-    if not (best_elf.get("matched_entropy") and most.get("matched_entropy")):
-        return {**verdict, "holds": None, "reason": "entropy not matched (within 10% of held-out text) for both"}
-    return {**verdict, "holds": best_elf["oracle_ppl_floored"] < most["oracle_ppl_floored"], "reason": ""}
+    return {"metric": key, "elf": best_elf["sampler"], "elf_ppl": best_elf[key], "mdlm": most["sampler"],
+            "mdlm_ppl": most[key], "ratio": most[key] / best_elf[key], "holds": best_elf[key] < most[key],
+            "reason": ""}
 
 
 def _machine() -> dict[str, Any]:
@@ -375,26 +396,29 @@ def table(results: dict[str, Any]) -> str:
         lines.append("| family | train steps | train TFLOP | train min | params |")
         lines.append("|---|---|---|---|---|")
         for family, t in part["training"].items():
-            lines.append(f"| {family} | {t['steps']:,} | {t['flops'] / 1e12:,.3g} | {t['minutes']:.1f} | "
+            minutes = "–" if t["minutes"] is None else f"{t['minutes']:.1f}"
+            lines.append(f"| {family} | {t['steps']:,} | {t['flops'] / 1e12:,.3g} | {minutes} | "
                          f"{t['parameters']:,} |")
         lines.append("")
         if part["task"] == "lm":
-            lines.append("| model | sampler | NFE | oracle PPL (all samples) | parses % | entropy | distinct-2 | "
-                         "matched entropy |")
+            key = quality_key(part["rows"])
+            label = "oracle PPL (all samples) | parses %" if key == "oracle_ppl_floored" else "Gen PPL | non-empty %"
+            share = "oracle_finite_fraction" if key == "oracle_ppl_floored" else "nonempty_fraction"
+            lines.append(f"| model | sampler | NFE | {label} | entropy | distinct-2 | matched entropy |")
             lines.append("|---|---|---|---|---|---|---|---|")
             for row in [part["reference"], *part["rows"]]:
                 matched = {True: "yes", False: "no", None: ""}[row.get("matched_entropy")]
-                parses = _pm(row, "oracle_finite_fraction", 100, 0)
                 lines.append(f"| {row['family']} | {row['sampler']} | {row.get('nfe', '')} | "
-                             f"{_pm(row, 'oracle_ppl_floored', digits=2)} | {parses} | {_pm(row, 'entropy', digits=2)}"
+                             f"{_pm(row, key, digits=2)} | {_pm(row, share, 100, 0)} | {_pm(row, 'entropy', digits=2)}"
                              f" | {_pm(row, 'distinct_2', digits=2)} | {matched} |")
             verdict = part["ordering"]
             if verdict.get("holds") is None:
                 lines += ["", f"Ordering (ELF ≤ 32 steps vs MDLM at most steps): undecided — {verdict['reason']}."]
             else:
                 lines += ["", f"Ordering: ELF {verdict['elf']} {verdict['elf_ppl']:.2f} vs MDLM {verdict['mdlm']} "
-                              f"{verdict['mdlm_ppl']:.2f} oracle PPL ({verdict['ratio']:.2f}×): the paper's ordering "
-                              f"{'holds' if verdict['holds'] else 'does not hold'} at matched entropy."]
+                              f"{verdict['mdlm_ppl']:.2f} ({verdict['metric']}, MDLM/ELF {verdict['ratio']:.2f}×): "
+                              f"the paper's ordering {'holds' if verdict['holds'] else 'does not hold'} at matched "
+                              "entropy."]
         else:
             lines.append("| model | sampler | NFE | BLEU | ROUGE-L | entropy | distinct-2 |")
             lines.append("|---|---|---|---|---|---|---|")
@@ -418,8 +442,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     panels = []
     for name, part in results["datasets"].items():
-        keys = (("oracle_ppl_floored", "oracle PPL, all samples (lower is better)"),
-                ("oracle_finite_fraction", "share that parses")) if part["task"] == "lm" else (("bleu", "BLEU"),)
+        if part["task"] == "seq2seq":
+            keys = (("bleu", "BLEU"),)
+        elif quality_key(part["rows"]) == "oracle_ppl_floored":
+            keys = (("oracle_ppl_floored", "oracle PPL, all samples (lower is better)"),
+                    ("oracle_finite_fraction", "share that parses"))
+        else:
+            keys = (("gen_ppl", "Gen PPL (lower is better)"), ("entropy", "entropy"))
         panels += [(name, part, key, label) for key, label in keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, (name, part, key, label) in zip(axes[0], panels, strict=True):
@@ -431,7 +460,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         if part["reference"].get(key) is not None:
             ax.axhline(part["reference"][key], color="gray", linestyle="--", label=part["reference"]["family"])
         ax.set_xscale("log", base=2)
-        if key == "oracle_ppl_floored":
+        if key in ("oracle_ppl_floored", "gen_ppl"):
             ax.set_yscale("log")
         ax.set_xlabel("network evaluations per sample")
         ax.set_title(f"{name}: {label}", fontsize=9)

@@ -263,6 +263,7 @@ class ModelSettings(_Strict):
     max_period: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     norm_eps: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     attention_fp32: bool | None = None
+    time_conditioning: bool | None = None  # family mdlm only: time tokens (default) or none (exact sampler cache)
 
     def overrides(self) -> dict[str, int | float | bool]:
         """The fields set here, as keyword arguments of `elf.model.build_model`."""

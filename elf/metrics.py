@@ -234,8 +234,8 @@ def oracle_ppl(texts: Sequence[str], grammar, stream: bool = False, floor: float
     `stream` (for models trained on rows packed across documents, `tokenize.packing: paragraphs`): a text
     is a stream of documents with no separator, scored by `Grammar.log_prob_stream` = log P(the document
     stream begins with these words and a document ends right after them); otherwise one document each.
-    A text the grammar cannot produce — an empty text included — has log p = −inf. Rather than let one
-    such text make the whole number infinite, we report:
+    A text the grammar cannot produce — an empty text or a word outside the lexicon included — has log p = −inf.
+    Rather than let one such text make the whole number infinite, we report:
       ppl               over all texts; None (JSON null) when some text is impossible (finite_fraction < 1),
       ppl_finite_only   over the texts with finite log p; None when there is none (flattering: it drops the
                         broken texts, so never compare models by it alone),

@@ -4,7 +4,8 @@
 requirements installed (the `elf` package itself travels with the model):
 `predict(DataFrame({"source": [...]}), params={...})` returns one text per row (an lm model ignores the
 source; send "" rows). params: the sampler (kind, steps, gamma, guidance, cfg_scale) and seed; unset ones
-take the paper's setting for the model's task (elf/sample.py HEADLINE_SAMPLERS).
+take the paper's setting for the model's task (elf/sample.py HEADLINE_SAMPLERS); a baseline model (MDLM, AR)
+defaults to its own sampler.
 """
 
 from __future__ import annotations
@@ -42,15 +43,16 @@ def log_pyfunc_model(model_dir: Path, task: str) -> None:
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from elf.sample import HEADLINE_SAMPLERS
+    from elf.sample import HEADLINE_SAMPLERS, SamplerConfig
 
-    defaults = HEADLINE_SAMPLERS[task]
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    family = config.get("family", "elf")  # a baseline (elf/families) samples with its own kind by default
+    defaults = HEADLINE_SAMPLERS[task] if family == "elf" else SamplerConfig(kind=family, steps=config["max_length"])
     params = {"kind": defaults.kind, "steps": defaults.steps, "gamma": defaults.gamma,
               "guidance": defaults.guidance, "cfg_scale": defaults.cfg_scale, "seed": 0}
     example = pd.DataFrame({"source": ["" if task == "lm" else "a source text"]})
     # This package travels with the model (code_paths); pip installs what it needs (its own dependencies).
     needs = [r for r in requires("elf") or [] if "extra ==" not in r]
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     tags = {key: str(config[key]) for key in ("dataset", "step", "tokenizer_hash", "encoder_content_hash",
                                                "weights_sha256") if key in config}
     mlflow.pyfunc.log_model(name="model", python_model=ELFPyfuncModel(), artifacts={"model": str(model_dir)},

@@ -395,8 +395,9 @@ def save_model(model: nn.Module, directory: str | Path, metadata: dict | None = 
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / MODEL_WEIGHTS_FILE
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(weights))
+    family = getattr(model.cfg, "family", "elf")  # written for the baselines only: ELF's config stays as it was
     config = {"model_type": MODEL_TYPE, "architectures": [type(model).__name__], **(metadata or {}),
-              "family": getattr(model.cfg, "family", "elf"), "model": model.cfg.to_dict(),
+              **({"family": family} if family != "elf" else {}), "model": model.cfg.to_dict(),
               "weights_sha256": file_sha256(weights)}
     (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

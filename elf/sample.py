@@ -232,7 +232,7 @@ def sample_embeddings(
     """
     _check_source(shape, source, source_mask)
     device = generator.device
-    cfg = as_trained(cfg, None)  # a field still None: the paper's value
+    cfg = as_trained(cfg, None)  # still None (a bare network, no config to read): the paper's value
     s = cfg.noise_scale
     if source is not None:
         source = source.to(device=device, dtype=torch.float32)
@@ -352,6 +352,8 @@ def generate(
     """
     from tqdm.auto import tqdm
 
+    if cfg.family != "elf":
+        raise ElfError(f"generate: sampler kind {cfg.kind!r} samples {cfg.family} models (elf.families.generate)")
     if encoder_dim != model.cfg.embed_dim:
         raise ElfError(f"generate: encoder_dim {encoder_dim} does not match the model's embed_dim "
                        f"{model.cfg.embed_dim}")

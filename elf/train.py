@@ -159,6 +159,10 @@ class Trainer:
         self.fingerprint = fingerprint(self.run_record)
         self.validator = self._validator(paths.tokens.parent / "validation") if settings.validation.every else None
         self.step = 0
+        # Wall seconds spent training up to the last checkpoint, over every segment (a killed segment's work after
+        # its last checkpoint is lost, and so is its time): what the run cost, kept in the checkpoints.
+        self._segment_began = time.perf_counter()
+        self._segment_seconds_before = 0.0
         self.history: list[dict[str, float]] = []
         self.validation_history: list[dict[str, float]] = []
         self._ema_copy: torch.nn.Module | None = None  # the network holding the EMA weights for validation, made once
@@ -242,8 +246,12 @@ class Trainer:
                 "ema": {"decay": ema["decay"], "num_updates": ema["num_updates"]}, "history": self.history,
                 "validation_history": self.validation_history, "validation_settings": self._validation_settings(),
                 "mlflow_parent_run_id": self.mlflow_parent_run_id, "mlflow_run_id": self.mlflow_run_id,
-                "fingerprint": self.fingerprint, "run_record": self.run_record,
+                "fingerprint": self.fingerprint, "run_record": self.run_record, "train_seconds": self.elapsed(),
             })
+
+    def elapsed(self) -> float:
+        """Wall seconds of training so far: earlier segments' (from the checkpoint) plus this one's."""
+        return self._segment_seconds_before + time.perf_counter() - self._segment_began
 
     def resume(self) -> bool:
         """Restore the newest checkpoint, if any. A corrupt one is an error, not a fresh start."""
@@ -290,6 +298,7 @@ class Trainer:
         if (directory / f"rank-{self.d.rank}-rng.safetensors").exists():
             ckpt.set_rng_state(ckpt.load_tensors(directory / f"rank-{self.d.rank}-rng.safetensors"))
         self.step = state["step"]
+        self._segment_seconds_before, self._segment_began = state.get("train_seconds", 0.0), time.perf_counter()
         self.history = state["history"]
         self.validation_history = state.get("validation_history", [])
         recorded = state.get("validation_settings", self._validation_settings())  # older checkpoints: as now

@@ -136,33 +136,26 @@ class Validator:
         validation loss is their mean over t, a fixed-grid estimate of the ELBO); ce and accuracy over the masked
         tokens of all t. AR: the next-token CE per loss token at every t (t is not an input). mse is 0.
         """
-        from elf.families.ar import shift_right
-        from elf.families.mdlm import draw_mask_per_row, elbo_weight, mask_tokens, subs_log_probs
+        from elf.families.ar import ar_row_terms
+        from elf.families.mdlm import draw_mask_per_row, mdlm_row_terms
 
         ids, mask, source = part["input_ids"], part["loss_mask"], part["source_mask"]
         n, device = len(ids), self.d.device
-        tokens = mask.sum(1).clamp(min=1)
         if self.family == "ar":
             with autocast(device):
-                logits = model(shift_right(ids)).float()
-            nll = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
-            ce = (nll * mask).sum(1) / tokens
-            acc = ((logits.argmax(-1) == ids) & mask).sum(1) / tokens
+                terms = ar_row_terms(model, ids, mask, source)
+            tokens = terms["tokens"].clamp(min=1)
+            ce, acc = terms["nll"] / tokens, terms["correct"] / tokens
             per_t = ce[:, None].expand(n, len(self.t_values))
             return torch.cat([torch.stack([ce, torch.zeros_like(ce), ce, acc], 1), per_t], 1)
         u = draw_mask_per_row(seeds, ids.shape[1], device)["u"]
-        terms, ce_sum, correct, masked_count = [], 0.0, 0.0, 0.0
+        elbo, nll, correct, masked = [], 0.0, 0.0, 0.0
         for t_value in self.t_values:
-            t = torch.full((n,), t_value, device=device)
-            z_t, masked = mask_tokens(ids, t, u, source, model.cfg.mask_id)
             with autocast(device):
-                log_probs = subs_log_probs(model(z_t, t), z_t, model.cfg.mask_id)
-            scored = masked & mask
-            nll = torch.where(scored, -log_probs.gather(-1, ids[..., None])[..., 0], torch.zeros_like(t[:, None]))
-            terms.append(elbo_weight(t) * nll.sum(1) / tokens)
-            ce_sum = ce_sum + nll.sum(1)
-            correct = correct + ((log_probs.argmax(-1) == ids) & scored).sum(1)
-            masked_count = masked_count + scored.sum(1)
-        terms = torch.stack(terms, 1)
-        ce, acc = ce_sum / masked_count.clamp(min=1), correct / masked_count.clamp(min=1)
-        return torch.cat([torch.stack([terms.mean(1), torch.zeros_like(ce), ce, acc], 1), terms], 1)
+                terms = mdlm_row_terms(model, ids, mask, source, torch.full((n,), t_value, device=device), u,
+                                       model.cfg.mask_id)
+            elbo.append(terms["elbo"] / terms["tokens"].clamp(min=1))
+            nll, correct, masked = nll + terms["nll"], correct + terms["correct"], masked + terms["masked"]
+        elbo = torch.stack(elbo, 1)
+        ce, acc = nll / masked.clamp(min=1), correct / masked.clamp(min=1)
+        return torch.cat([torch.stack([elbo.mean(1), torch.zeros_like(ce), ce, acc], 1), elbo], 1)

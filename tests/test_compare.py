@@ -50,25 +50,26 @@ def test_compare_trains_every_family_to_elf_flops_and_writes_table_and_plot(proj
     assert owt["training"]["elf"]["steps"] == 3 and owt["training"]["elf"]["flops_per_step"] > max(
         owt["training"]["mdlm"]["flops_per_step"], owt["training"]["ar"]["flops_per_step"])  # ELF's no-grad passes
     samplers = {(r["family"], r["sampler"]): r for r in owt["rows"]}
-    assert set(samplers) == {("elf", "sde-2"), ("elf", "sde-4"), ("mdlm", "mdlm-4"), ("mdlm", "mdlm-40"),
-                             ("ar", "ar")}  # MDLM's 64 steps capped at the 40 positions
+    assert set(samplers) == {("elf", "sde-2"), ("elf", "sde-4"), ("mdlm", "mdlm-4"), ("mdlm", "mdlm-64"),
+                             ("ar", "ar")}
     for row in owt["rows"]:
         assert row["oracle_ppl_floored"] > 1 and 0 <= row["oracle_finite_fraction"] <= 1 and row["nfe"] >= 1
         assert row["oracle_ppl_floored_se"] is not None and row["matched_entropy"] in (True, False)
     assert samplers[("elf", "sde-4")]["nfe"] == 5 and samplers[("ar", "ar")]["nfe"] <= 40
     assert owt["reference"]["oracle_finite_fraction"] == 1.0
     assert {(r["family"], r["sampler"]) for r in wmt14["rows"]} == {
-        ("elf", "ode-2"), ("elf", "ode-4"), ("mdlm", "mdlm-4"), ("mdlm", "mdlm-16"), ("ar", "ar-greedy")}
+        ("elf", "ode-2"), ("elf", "ode-4"), ("mdlm", "mdlm-4"), ("mdlm", "mdlm-64"), ("ar", "ar-greedy")}
     assert all(r["bleu"] is not None for r in wmt14["rows"])
     table = (project / "compare" / "table.md").read_text()
-    assert "| mdlm | mdlm-40 |" in table and "| ar | ar-greedy |" in table and "Ordering" in table
+    assert "| mdlm | mdlm-64 |" in table and "| ar | ar-greedy |" in table and "Ordering" in table
     assert (project / "compare" / "compare.png").stat().st_size > 0
     import mlflow
 
     with mlflow_store_in(project):
         run = mlflow.search_runs(experiment_names=["elf-compare"], output_format="list")[0]
-    assert run.data.metrics["owt/mdlm/mdlm-40/oracle_ppl_floored"] == pytest.approx(
-        samplers[("mdlm", "mdlm-40")]["oracle_ppl_floored"])
+    assert run.data.metrics["owt/mdlm/mdlm-64/oracle_ppl_floored"] == pytest.approx(
+        samplers[("mdlm", "mdlm-64")]["oracle_ppl_floored"])
+    assert all(record["minutes"] is not None for record in owt["training"].values())
 
 
 def test_compare_again_resumes_instead_of_retraining(project):
@@ -87,5 +88,8 @@ def test_equal_compute_steps_and_ordering_rules():
              "matched_entropy": True}]
     verdict = ordering(rows)
     assert verdict["holds"] is True and verdict["elf"] == "sde-32" and verdict["ratio"] == pytest.approx(12 / 9)
-    rows[2]["matched_entropy"] = False  # a low-entropy (repetitive) MDLM is no evidence either way
+    rows.insert(0, {"family": "elf", "sampler": "sde-8", "steps": 8, "oracle_ppl_floored": 3.0,
+                    "matched_entropy": False})  # repetitive: the lowest perplexity, but no evidence
+    assert ordering(rows)["elf"] == "sde-32"
+    rows[-1]["matched_entropy"] = False  # a low-entropy MDLM is no evidence either way
     assert ordering(rows)["holds"] is None

@@ -29,9 +29,9 @@ class FixedLogits:
         return self.logits
 
 
-def tiny(family: str, vocab: int = V) -> torch.nn.Module:
+def tiny(family: str, vocab: int = V, **shape) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_network(family, "tiny", 16, vocab, depth=1, hidden=32, heads=2).eval()
+    return build_network(family, "tiny", 16, vocab, depth=1, hidden=32, heads=2, **shape).eval()
 
 
 def test_subs_zero_mask_probability_and_carry_over():
@@ -104,9 +104,13 @@ def test_mdlm_sampler_shapes_determinism_source_and_cache():
     ids, calls = mdlm_sample(network, (4, 6), 12, g())
     again, _ = mdlm_sample(network, (4, 6), 12, g())
     assert ids.shape == (4, 6) and ids.dtype == torch.long and torch.equal(ids, again)
-    assert bool((ids < V).all()) and 1 <= calls <= 13
-    _, many = mdlm_sample(network, (4, 6), 200, g())
-    assert many < 100  # most of 200 steps unmask nothing and reuse the cached prediction
+    assert bool((ids < V).all()) and calls in (12, 13)  # time-conditioned: a call every step (no cache)
+    untimed = tiny("mdlm", time_conditioning=False)
+    assert untimed.cfg.num_prefix == 0 and not any("time" in name for name, _ in untimed.named_parameters())
+    cached, many = mdlm_sample(untimed, (1, 6), 200, g())
+    assert many <= 6 + 1  # a call only after a step that unmasked something: exact, the input is unchanged
+    torch.manual_seed(0)
+    assert bool((cached < V).all())
     source = torch.full((4, 6), 5)
     mask = torch.zeros(4, 6, dtype=torch.bool)
     mask[:, :2] = True
@@ -151,3 +155,13 @@ def test_train_stage_trains_resumes_and_samples_a_baseline(data, tmp_path, famil
     assert len(texts) in (2, 3) and all(isinstance(t, str) for t in texts)
     with pytest.raises(Exception, match="samples elf models"):
         pipeline.generate(1 if name == "owt" else 0, source=None if name == "owt" else ["x"], kind="ode")
+
+    import mlflow
+    import pandas as pd
+
+    from elf.tracking import latest_logged_model
+
+    logged = latest_logged_model(mlflow.MlflowClient(), pipeline.info["mlflow_run_id"])
+    served = mlflow.pyfunc.load_model(logged.model_uri)  # the registry's copy samples with its own kind by default
+    rows = pd.DataFrame({"source": ["", ""] if name == "owt" else ["ich sehe", "der hund"]})
+    assert len(served.predict(rows, params={"steps": 4} if family == "mdlm" else None)) == 2

@@ -243,6 +243,11 @@ def test_floored_oracle_counts_every_text_with_a_fixed_penalty_per_forbidden_eve
     assert mixed["ppl_floored"] > mixed["ppl_finite_only"]  # the broken texts cost, instead of being dropped
     with pytest.raises(ElfError, match="floor"):
         grammar.log_prob_floored(words, stream=False, floor=0.0)
+    # a word outside the lexicon does not parse (log_prob floors it at 1e-6 instead): an untrained model's
+    # "nahe nahe …" no longer counts as grammatical
+    unknown = words[:1] + ["nahe"] + words[1:]
+    assert math.isfinite(grammar.log_prob(unknown)) and grammar.log_prob_floored(unknown, False, 1e-4)[1] >= 1
+    assert oracle_ppl([words_to_text(unknown)], grammar)["finite_fraction"] == 0.0
 
 
 def test_oracle_ppl_scores_packed_samples_as_document_streams(grammar):

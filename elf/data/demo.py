@@ -290,14 +290,15 @@ class Grammar:
         return self._forward(words, stream=True)[0]
 
     def log_prob_floored(self, words: Sequence[str], stream: bool, floor: float) -> tuple[float, int]:
-        """(log-probability, forbidden events) of words where every event the grammar forbids — a word that
-        cannot follow the words before it, an end of document where none can end, an empty text — costs
-        log `floor` instead of making the whole text impossible. After a forbidden word the hidden state is
+        """(log-probability, forbidden events) of words where every event the grammar forbids — a word outside
+        the lexicon, a word that cannot follow the words before it, an end of document where none can end, an
+        empty text — costs log `floor` instead of making the whole text impossible (unlike `log_prob`, an unknown
+        word is forbidden here, not floored at `UNKNOWN_WORD_PROB`). After a forbidden word the hidden state is
         re-estimated from that word alone (the states that can emit it), so scoring goes on from there.
 
         Not a normalised distribution: a fixed, model-independent penalty that keeps the perplexity of any set
         of texts finite (`elf.metrics.oracle_ppl`'s `ppl_floored`), so broken samples count instead of being
-        dropped. Equals `log_prob` / `log_prob_stream` on texts the grammar can produce.
+        dropped. Equals `log_prob` / `log_prob_stream` on texts the grammar can produce (no forbidden event).
         """
         if not 0.0 < floor < 1.0:
             raise ElfError(f"oracle floor probability must lie in (0, 1), got {floor}")
@@ -313,6 +314,10 @@ class Grammar:
                 moved = self._transT @ alpha
                 alpha = moved + self.start * float(self.end @ alpha) if stream else moved
             col = self._index.get(word)
+            if col is None and floor is not None:  # a word outside the lexicon: the grammar cannot produce it
+                logp, forbidden = logp + math.log(floor), forbidden + 1
+                alpha = np.full(len(self.states), 1.0 / len(self.states))  # no evidence of the state
+                continue
             emit = self._emit_by_word[col] if col is not None else np.full(len(self.states), UNKNOWN_WORD_PROB)
             alpha = alpha * emit
             total = float(alpha.sum())

@@ -24,19 +24,22 @@ SAMPLER_FAMILY = {"ode": "elf", "sde": "elf", "mdlm": "mdlm", "ar": "ar", "ar_gr
 
 #: The ModelSettings fields that only ELF has (its input projection and decode head): a baseline ignores them.
 ELF_ONLY_FIELDS = ("bottleneck", "decode_hidden")
+#: The ModelSettings fields that only the baselines have (MDLM's time tokens): ELF ignores them.
+BASELINE_ONLY_FIELDS = ("time_conditioning",)
 
 
 def build_network(family: str, preset: str, embed_dim: int, vocab_size: int, **overrides) -> nn.Module:
     """The network of `family` in a named size (elf/model.py PRESETS) with `overrides` of its shape.
 
     ELF: `build_model`. MDLM / AR: a `TokenTransformer` with the preset's depth, width and heads, so the three
-    families share one backbone; ELF-only fields (`ELF_ONLY_FIELDS`) are dropped. `embed_dim` is ELF's encoder
-    width (unused by the baselines).
+    families share one backbone. Fields of the other kind (`ELF_ONLY_FIELDS`, `BASELINE_ONLY_FIELDS`) are dropped.
+    `embed_dim` is ELF's encoder width (unused by the baselines).
     """
     from elf.model import PRESETS, build_model
 
     if family == "elf":
-        return build_model(preset, embed_dim, vocab_size, **overrides)
+        return build_model(preset, embed_dim, vocab_size,
+                           **{k: v for k, v in overrides.items() if k not in BASELINE_ONLY_FIELDS})
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
     if preset not in PRESETS:

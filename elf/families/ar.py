@@ -24,19 +24,25 @@ def shift_right(ids: Tensor) -> Tensor:
     return torch.cat([torch.full_like(ids[:, :1], EOS_ID), ids[:, :-1]], dim=1)
 
 
-def ar_loss(network, ids: Tensor, loss_mask: Tensor, source_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean next-token cross-entropy over the loss tokens (ids [B, L], masks [B, L] bool) and the trainer's
-    statistics (the keys of ELF's loss; mse 0)."""
+def ar_row_terms(network, ids: Tensor, loss_mask: Tensor, source_mask: Tensor) -> dict[str, Tensor]:
+    """Per row [B]: `nll` = Σ next-token CE over the loss tokens, `correct` = loss tokens predicted right (argmax),
+    `tokens` = their count. Shared by the training and the validation loss."""
     loss_mask = loss_mask & ~source_mask
     logits = network(shift_right(ids)).float()
     nll = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
     nll = torch.where(loss_mask, nll, torch.zeros_like(nll))
-    n = loss_mask.sum()
-    correct = ((logits.argmax(-1) == ids) & loss_mask).sum()
+    return {"nll": nll.sum(1), "correct": ((logits.argmax(-1) == ids) & loss_mask).sum(1), "tokens": loss_mask.sum(1)}
+
+
+def ar_loss(network, ids: Tensor, loss_mask: Tensor, source_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean next-token cross-entropy over the loss tokens (ids [B, L], masks [B, L] bool) and the trainer's
+    statistics (the keys of ELF's loss; mse 0)."""
+    terms = ar_row_terms(network, ids, loss_mask, source_mask)
+    n = terms["tokens"].sum()
+    mean = terms["nll"].sum() / n.clamp(min=1)
     zero = torch.zeros((), device=ids.device)
-    mean = nll.sum() / n.clamp(min=1)
     return mean, {"loss_tokens": n, "mse": zero, "denoise_tokens": zero.long(), "decode_tokens": n,
-                  "ce": mean.detach(), "acc": correct / n.clamp(min=1)}
+                  "ce": mean.detach(), "acc": terms["correct"].sum() / n.clamp(min=1)}
 
 
 @torch.no_grad()

@@ -15,11 +15,11 @@ normalised, as the trainer does for ELF, by the number of loss tokens; t ~ U[ε,
 Sampler (MDLM §4.1, ancestral "DDPM" updates) with T steps on the grid t_i = 1 − i·(1 − ε)/T: from t to s < t,
 a masked position becomes token v with probability x_θ(z_t)[v]·(t − s)/t and stays masked with s/t; an
 unmasked one never changes. The categorical is sampled in float64 with the Gumbel-max trick (as the Duo code
-does: float32 Gumbel noise biases low-probability tokens). Caching (MDLM §4.1): when a step unmasks nothing, the
-next step reuses the last x_θ instead of calling the network — exact for a network without time input, and
-MDLM's approximation for a time-conditioned one (ours: its time tokens move little between adjacent t). A final
-step fills any position still masked with its argmax (MDLM's `noise_removal`). Network evaluations are counted
-as the calls actually made.
+does: float32 Gumbel noise biases low-probability tokens). Caching (MDLM §4.1): for a network without time input
+(`time_conditioning: false`), a step that unmasks nothing leaves the network's input unchanged, so the next step
+reuses the last x_θ instead of calling the network (exact; at most one call per unmasking step, ≤ L + 1 in all).
+A time-conditioned network is called every step, as MDLM's code does. A final step fills any position still
+masked with its argmax (MDLM's `noise_removal`). Network evaluations are counted as the calls actually made.
 """
 
 from __future__ import annotations
@@ -65,28 +65,39 @@ def elbo_weight(t: Tensor) -> Tensor:
     return 1.0 / t
 
 
+def mdlm_row_terms(network, ids: Tensor, loss_mask: Tensor, source_mask: Tensor, t: Tensor, u: Tensor,
+                   mask_id: int) -> dict[str, Tensor]:
+    """Per row [B] of one corruption (t [B], u [B, L]): `elbo` = (1/t)·Σ CE over the masked loss tokens, `nll` =
+    that Σ CE unweighted, `correct` = masked loss tokens predicted right, `masked` = their count, `tokens` = the
+    row's loss tokens (lm: real tokens; seq2seq: every target position, EOS padding included, as ELF).
+
+    Every non-source position is corrupted (pads too: the sampler starts from an all-mask row); only masked loss
+    tokens are scored (SUBS gives the others zero loss). The training loss and the validation loss share this.
+    """
+    loss_mask = loss_mask & ~source_mask
+    z_t, masked = mask_tokens(ids, t, u, source_mask, mask_id)
+    log_probs = subs_log_probs(network(z_t, t), z_t, mask_id)
+    scored = loss_mask & masked
+    nll = torch.where(scored, -log_probs.gather(-1, ids[..., None])[..., 0], torch.zeros_like(t[:, None]))
+    return {"elbo": elbo_weight(t) * nll.sum(1), "nll": nll.sum(1),
+            "correct": ((log_probs.argmax(-1) == ids) & scored).sum(1), "masked": scored.sum(1),
+            "tokens": loss_mask.sum(1)}
+
+
 def mdlm_loss(network, ids: Tensor, loss_mask: Tensor, source_mask: Tensor, draws: dict[str, Tensor],
               mask_id: int) -> tuple[Tensor, dict[str, Tensor]]:
     """The MDLM ELBO per loss token of this batch (module docstring) and the trainer's statistics.
 
-    ids [B, L] clean tokens; loss_mask [B, L] (lm: real tokens; seq2seq: every target position, EOS padding
-    included, as ELF); source_mask [B, L]; draws from `draw_mask_per_row`. Every non-source position is
-    corrupted (pads too: the sampler starts from an all-mask row); the loss counts the masked loss tokens.
-    Returns (loss, stats) with the keys ELF's loss returns (mse 0: there is no denoising regression).
+    ids [B, L] clean tokens; loss_mask, source_mask [B, L]; draws from `draw_mask_per_row`. Returns (loss,
+    stats) with the keys ELF's loss returns (mse 0: there is no denoising regression).
     """
-    loss_mask = loss_mask & ~source_mask
-    z_t, masked = mask_tokens(ids, draws["t"], draws["u"], source_mask, mask_id)
-    log_probs = subs_log_probs(network(z_t, draws["t"]), z_t, mask_id)
-    nll = -log_probs.gather(-1, ids[..., None])[..., 0]  # 0 where unmasked (carry-over)
-    scored = loss_mask & masked
-    nll = torch.where(scored, nll, torch.zeros_like(nll))
-    n = loss_mask.sum()
-    loss = (nll * elbo_weight(draws["t"])[:, None]).sum() / n.clamp(min=1)
-    n_masked = scored.sum()
-    correct = ((log_probs.argmax(-1) == ids) & scored).sum()
+    terms = mdlm_row_terms(network, ids, loss_mask, source_mask, draws["t"], draws["u"], mask_id)
+    n, n_masked = terms["tokens"].sum(), terms["masked"].sum()
     zero = torch.zeros((), device=ids.device)
-    return loss, {"loss_tokens": n, "mse": zero, "denoise_tokens": zero.long(), "decode_tokens": n_masked,
-                  "ce": nll.detach().sum() / n_masked.clamp(min=1), "acc": correct / n_masked.clamp(min=1)}
+    per_masked = n_masked.clamp(min=1)
+    return terms["elbo"].sum() / n.clamp(min=1), {
+        "loss_tokens": n, "mse": zero, "denoise_tokens": zero.long(), "decode_tokens": n_masked,
+        "ce": terms["nll"].detach().sum() / per_masked, "acc": terms["correct"].sum() / per_masked}
 
 
 def sample_categorical(probs: Tensor, generator: torch.Generator) -> Tensor:
@@ -98,8 +109,7 @@ def sample_categorical(probs: Tensor, generator: torch.Generator) -> Tensor:
 
 @torch.no_grad()
 def mdlm_sample(network, shape: tuple[int, int], steps: int, generator: torch.Generator,
-                source_ids: Tensor | None = None, source_mask: Tensor | None = None,
-                caching: bool = True) -> tuple[Tensor, int]:
+                source_ids: Tensor | None = None, source_mask: Tensor | None = None) -> tuple[Tensor, int]:
     """Ancestral sampling with `steps` updates (module docstring) → (ids [B, L] long, network evaluations).
 
     source_ids / source_mask [B, L] (conditional rows): those positions hold the source from the start and are
@@ -109,6 +119,7 @@ def mdlm_sample(network, shape: tuple[int, int], steps: int, generator: torch.Ge
 
     device = generator.device
     mask_id = network.cfg.mask_id
+    caching = not network.cfg.num_prefix  # exact only when the network does not see t (module docstring)
     z = torch.full(shape, mask_id, dtype=torch.long, device=device)
     if source_ids is not None:
         z = torch.where(source_mask.to(device), source_ids.to(device), z)

@@ -7,7 +7,8 @@ Shared with ELF (elf/model.py): the pre-norm block (RMSNorm, qk-norm attention, 
 positions, Xavier init, fp32 input/output layers under bf16 autocast. Different: the input is a token
 embedding of V + 1 rows (row V is MDLM's [MASK]; the AR model never feeds it), the output is one RMSNorm and a
 Linear H → V. Time enters MDLM the way it enters ELF: 4 in-context prefix tokens plus a sinusoidal embedding of t
-(elf-method §5), not adaLN. The AR network has no prefix and a causal attention mask.
+(elf-method §5), not adaLN; `time_conditioning: false` drops them (MDLM's default). The AR network has no prefix
+and a causal attention mask.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class TokenModelConfig:
     heads: int = 12
     mlp_hidden: int | None = None
     num_prefix_each: int = 4  # MDLM's time tokens (ELF has 4 each of time, guidance, mode)
+    # MDLM: t enters as time tokens (as ELF's) or not at all (MDLM's own default; only then is the sampler's cache
+    # exact, elf/families/mdlm.py). AR has no time.
+    time_conditioning: bool = True
     rope_theta: float = 1e4
     freq_dim: int = 256
     max_period: float = 1e4
@@ -54,7 +58,7 @@ class TokenModelConfig:
 
     @property
     def num_prefix(self) -> int:
-        return 0 if self.causal else self.num_prefix_each
+        return self.num_prefix_each if self.family == "mdlm" and self.time_conditioning else 0
 
     @property
     def mask_id(self) -> int:
@@ -109,9 +113,9 @@ class TokenTransformer(nn.Module):
         b, length = ids.shape
         with _fp32_region(ids.device):
             x = self.token_embed(ids)
-            if self.cfg.num_prefix:
+            if self.cfg.num_prefix:  # a time-conditioned MDLM
                 if t is None:
-                    raise ValueError("the MDLM network needs the time t of its input")
+                    raise ValueError("the time-conditioned MDLM network needs the time t of its input")
                 prefix = self.time_tokens + self.time_embed(t.float().expand(b))[:, None]
                 x = torch.cat([prefix, x], dim=1)
         cos, sin = rope_angles(length, self.cfg.head_dim, self.cfg.rope_theta, ids.device)
