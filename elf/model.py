@@ -75,12 +75,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
-        """Build from a config.json dict; a misspelt key is an error, never silently ignored."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
+
+
+def config_from_dict(cls: type, data: dict):
+    """A network config dataclass from a config.json dict; a misspelt key is an error, never silently ignored."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
+    return cls(**data)
 
 
 def check_shape(shape: dict) -> None:
@@ -264,6 +268,18 @@ class DecodeHead(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def init_dense_layers(network: nn.Module) -> None:
+    """§5: every Linear Xavier-uniform with zero bias, every RMSNorm scale 1 (shared with the baselines)."""
+    for module in network.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.RMSNorm):
+            nn.init.ones_(module.weight)
+
+
 class ELF(nn.Module):
     """x̂, logits = ELF(z, self_cond, t, w, decode_mask). Prefix layout: [4 time | 4 guidance | 4 mode | L content]."""
 
@@ -285,13 +301,7 @@ class ELF(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """§5 init: Xavier-uniform dense kernels, zero biases; N(0, 0.02) tokens and φ MLPs; zero x̂ head."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.RMSNorm):
-                nn.init.ones_(module.weight)
+        init_dense_layers(self)
         for tokens in (self.time_tokens, self.guidance_tokens, self.mode_tokens):
             nn.init.normal_(tokens, std=0.02)
         for embedder in (self.time_embed, self.guidance_embed):

@@ -13,12 +13,12 @@ and a causal attention mask.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
-from elf.model import Block, ScalarEmbedder, _fp32_region, check_shape, rope_angles
+from elf.model import Block, ScalarEmbedder, _fp32_region, check_shape, config_from_dict, init_dense_layers, rope_angles
 
 
 @dataclass
@@ -69,11 +69,7 @@ class TokenModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TokenModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TokenModelConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 class TokenTransformer(nn.Module):
@@ -95,13 +91,7 @@ class TokenTransformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """ELF's init (Xavier dense kernels, zero biases, N(0, 0.02) tokens and φ MLP); N(0, 0.02) token table."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.RMSNorm):
-                nn.init.ones_(module.weight)
+        init_dense_layers(self)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         if self.cfg.num_prefix:
             nn.init.normal_(self.time_tokens, std=0.02)
