@@ -52,6 +52,7 @@ def project_params(steps: int, max_length: int) -> dict:
     params["embed"]["cache"] = {"pydocs": True}
     params["train"]["defaults"]["steps"] = steps
     params["train"]["datasets"] = {"pydocs": {"objective": {"decode_noise_scale": 5.0}}}
+    params.pop("compare", None)  # it names the demo datasets
     params["sample"]["samplers"] = {"pydocs": params["sample"]["samplers"]["owt"][:3]}
     params["evaluate"].update(judge="trained", primary_metric={}, register_model=False)
     return params

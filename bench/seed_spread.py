@@ -11,7 +11,8 @@ params.yaml) is read from metrics/<ds>/eval.json and counted as one more trainin
 written under a temporary directory; the project is only read.
 
 Prints JSON per dataset: the primary metric of every training seed with its sampling-seed SE, the mean and
-standard deviation over training seeds, the mean sampling-seed SE, and whether each model was ranked.
+standard deviation over training seeds, the mean sampling-seed SE, whether each model was ranked, and on the demo's
+lm the share of samples that parse, the oracle perplexity over all samples and the entropy.
 """
 
 import argparse
@@ -89,7 +90,8 @@ def _row(seed: int, evaluation: dict, source: str) -> dict:
     metric = primary["metric"]
     return {"training_seed": seed, "source": source, "metric": metric, "value": primary["value"],
             "sampling_se": scores.get(f"{metric}_se") if metric else None,
-            "ranked": evaluation.get("selection", {}).get("eligible")}
+            "ranked": evaluation.get("selection", {}).get("eligible"),
+            **{k: scores[k] for k in ("oracle_finite_fraction", "oracle_ppl_floored", "entropy") if k in scores}}
 
 
 if __name__ == "__main__":

@@ -439,6 +439,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     panels = []
     for name, part in results["datasets"].items():
@@ -462,6 +463,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xscale("log", base=2)
         if key in ("oracle_ppl_floored", "gen_ppl"):
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.set_xlabel("network evaluations per sample")
         ax.set_title(f"{name}: {label}", fontsize=9)
         ax.legend(fontsize=7)

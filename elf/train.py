@@ -91,8 +91,10 @@ def run_record(dataset: DatasetConfig, settings: TrainSettings, seed: int, paths
     On CPUs that includes the thread count: kernels split work by it, so it changes the last bits of a run."""
     # An ELF run's record leaves the family out, so checkpoints made before families existed still resume.
     fixed = set(RESUMABLE_CHANGES) | ({"family"} if settings.family == "elf" else set())
-    record = {"dataset": dataset.model_dump(mode="json"), "seed": seed,
-            "train": settings.model_dump(mode="json", exclude=fixed),
+    train = settings.model_dump(mode="json", exclude=fixed)
+    if train["model"].get("time_conditioning") is None:  # unset (ELF, and MDLM's default): as before the field
+        train["model"].pop("time_conditioning", None)
+    record = {"dataset": dataset.model_dump(mode="json"), "seed": seed, "train": train,
             "tokens": file_sha256(paths.tokens / "manifest.json"),
             "encoder": read_json(paths.encoder / "encoder.json", "encoder record")["content_hash"]}
     if device.type == "cpu":

@@ -57,6 +57,7 @@ def tiny_owt_params() -> dict:
     params["threads"] = 1  # the test machines share 2 cores (see ENV above)
     params["evaluate"]["trained_judge"].update(layers=1, hidden=32, heads=2, steps=20, batch_size=8)
     params["datasets"] = {"owt": params["datasets"]["owt"]}
+    params.pop("compare", None)  # it names wmt14
     params["datasets"]["owt"]["demo"].update(train_size=120, validation_size=10)
     params["tokenizer"]["vocab_size"] = 300
     params["embed"]["cache"] = {"owt": True}

@@ -165,3 +165,33 @@ def test_train_stage_trains_resumes_and_samples_a_baseline(data, tmp_path, famil
     served = mlflow.pyfunc.load_model(logged.model_uri)  # the registry's copy samples with its own kind by default
     rows = pd.DataFrame({"source": ["", ""] if name == "owt" else ["ich sehe", "der hund"]})
     assert len(served.predict(rows, params={"steps": 4} if family == "mdlm" else None)) == 2
+
+
+def test_the_pipeline_stages_train_sample_and_evaluate_a_baseline(built, tmp_path):
+    """`train.datasets.<ds>.family: mdlm` with an mdlm sampler: the stages as `dvc repro` runs them."""
+    import json
+    import shutil
+
+    import yaml
+
+    from conftest import inside, mlflow_store_in
+    from elf.cli import main
+
+    project = tmp_path / "project"
+    shutil.copytree(built, project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["datasets"]["owt"] = {"family": "mdlm"}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with inside(project):  # an ELF sampler for an MDLM model is refused at load, naming both
+        assert main(["config", "check"]) == 2
+    params["sample"]["samplers"]["owt"] = [{"name": "mdlm-8", "kind": "mdlm", "steps": 8}]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with inside(project), mlflow_store_in(project):
+        for args in (["train", "owt"], ["sample", "owt"], ["evaluate", "owt"]):
+            assert main(args) == 0, args
+    assert json.loads((project / "models" / "owt" / "model" / "config.json").read_text())["family"] == "mdlm"
+    rows = [json.loads(line) for line in (project / "samples" / "owt.jsonl").read_text().splitlines()]
+    assert {(row["sampler"], row["settings"]["kind"]) for row in rows} == {("mdlm-8", "mdlm")}
+    report = json.loads((project / "metrics" / "owt" / "eval.json").read_text())
+    assert report["samplers"]["mdlm-8"]["oracle_ppl_floored"] > 1
+    assert list((project / "models").glob("owt.aside/run-*"))  # the ELF checkpoints were moved aside, not deleted
