@@ -351,7 +351,7 @@ STAGE_HELP = {  # name: (one line for `elf --help`, what `elf <stage> --help` ad
               "Reads train.defaults with train.datasets.<dataset> over them (family: elf, or the baselines mdlm "
               "and ar), and seed. Resumes from the newest "
               "checkpoint; with train.*.nproc_per_node > 1 (or auto) it launches torchrun. Writes the "
-              "self-contained model directory models/<dataset>/model/, metrics/<dataset>/train.json, "
+              "standalone model directory models/<dataset>/model/, metrics/<dataset>/train.json, "
               "train_history.csv and validation_history.csv (the held-out loss every train.*.validation.every "
               "steps)."),
     "sample": ("sample with every configured sampler → samples/<dataset>.jsonl; or print a few samples of a model "
