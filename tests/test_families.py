@@ -173,8 +173,8 @@ def test_the_pipeline_stages_train_sample_and_evaluate_a_baseline(built, tmp_pat
     import shutil
 
     import yaml
-
     from conftest import inside, mlflow_store_in
+
     from elf.cli import main
 
     project = tmp_path / "project"
